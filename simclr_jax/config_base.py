@@ -1,0 +1,132 @@
+"""The run config's schema: defaults for every key, and validation that fails at start."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+METHODS = ("simclr",)
+DATASETS = ("digits", "cifar10", "cifar100", "stl10", "imagenet2012", "image_folder")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a run reads, with SimCLR ImageNet defaults; config files override a few."""
+    c = ml_collections.ConfigDict()
+    c.method = "simclr"  # contrastive objective; see docs/methods.md
+    c.seed = 0  # the one root seed: every PRNG key derives from it with fold_in
+    c.dataset = "digits"  # one of DATASETS
+    c.batch_size = 256  # GLOBAL batch over all devices and hosts (2x this many views)
+    c.num_epochs = 100.0  # run length in epochs of the pretraining split ...
+    c.total_steps = 0  # ... unless > 0, which overrides num_epochs
+    c.temperature = 0.1  # NT-Xent temperature
+    c.log_every_steps = 50  # metrics come back to the host only this often
+    c.checkpoint_every_steps = 1000  # orbax save cadence (and always at the end)
+    c.keep_checkpoints = 3  # keep the newest N checkpoints ...
+    c.keep_period = 0  # ... plus every step divisible by this (0: none)
+    c.init_from = ""  # export directory to start from (finetune / linear_eval modes)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.image_size = 224  # side of the images the host yields
+    c.data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir
+    c.data.manual_dir = ml_collections.config_dict.placeholder(str)  # imagenet2012 tars
+    c.data.folder = ml_collections.config_dict.placeholder(str)  # image_folder root
+    c.data.host_crop = False  # random-resized-crop on the host at decode (large images)
+    c.data.shuffle_buffer = 10_000
+    c.data.prefetch = 2  # batches prepared ahead by a background thread
+    c.data.num_threads = 0  # tf.data decode threads (0: autotune)
+    c.data.eval_max_examples = 0  # cap on examples read for evaluation (0: all)
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.crop = True  # random resized crop on device (False when the host crops)
+    c.augment.image_size = 224  # crop output side: the encoder's input size
+    c.augment.area_min = 0.08  # smallest crop area fraction
+    c.augment.flip = True
+    c.augment.color_jitter_strength = 1.0  # s: brightness/contrast/saturation 0.8s, hue 0.2s
+    c.augment.color_jitter_prob = 0.8
+    c.augment.grayscale_prob = 0.2
+    c.augment.blur_prob = 0.5  # 0 for CIFAR-size images
+    c.augment.solarize_prob = 0.0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.depth = 50  # 18, 34, 50, 101, 152, 200
+    c.model.width_multiplier = 1  # 1, 2, 4
+    c.model.base_width = 64  # stem channels before the width multiplier (64 is standard)
+    c.model.stem = "imagenet"  # 'imagenet' (7x7/2 + max-pool) or 'cifar' (3x3/1, no pool)
+    c.model.zero_init_last_bn = False  # zero-init each residual branch's last BN scale
+    c.model.head_layers = 2  # projection head depth: 2 SimCLRv1, 3 SimCLRv2
+    c.model.head_hidden_dim = 2048
+    c.model.head_out_dim = 128
+    c.model.head_bn = True  # BN in every head layer (SimCLR v2)
+    c.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay fp32)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "lars"  # 'lars' (pretraining), 'sgd' or 'adamw' (fine-tuning)
+    c.optim.base_lr = 0.3  # scaled by lr_scaling to the peak LR
+    c.optim.lr_scaling = "linear"  # 'linear': base*B/256, 'sqrt': base*sqrt(B), 'none'
+    c.optim.weight_decay = 1e-6
+    c.optim.momentum = 0.9
+    c.optim.trust_coefficient = 1e-3
+    c.optim.warmup_epochs = 10.0
+    c.optim.grad_clip_norm = 0.0  # 0: off
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.at_end = True  # linear probe + kNN of random-init vs pretrained encoder
+    c.eval.batch_size = 512  # feature-extraction batch (global)
+    c.eval.knn_k = 200
+    c.eval.knn_temperature = 0.1
+    c.eval.linear_l2 = 1e-4  # L2 penalty of the linear probe (on standardised features)
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False  # call jax.distributed.initialize (auto on TPU VM / SLURM)
+    c.distributed.coordinator_address = ""  # host:port; empty: auto-detect
+    c.distributed.num_processes = 0  # 0: auto-detect
+    c.distributed.process_id = -1  # -1: auto-detect
+    c.distributed.initialization_timeout = 300  # seconds before a missing coordinator fails
+    return c
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{key}={value!r} is invalid: {allowed}")
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the key, its value and what is allowed, for any bad value."""
+    _check(c.method in METHODS, "method", c.method, f"one of {list(METHODS)}")
+    _check(c.dataset in DATASETS, "dataset", c.dataset, f"one of {list(DATASETS)}")
+    for key in ("batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        _check(isinstance(c[key], int) and c[key] > 0, key, c[key], "a positive integer")
+    _check(c.total_steps >= 0, "total_steps", c.total_steps, ">= 0 (0: use num_epochs)")
+    _check(c.num_epochs > 0 or c.total_steps > 0, "num_epochs", c.num_epochs, "> 0")
+    _check(c.temperature > 0, "temperature", c.temperature, "> 0")
+    _check(c.keep_period >= 0, "keep_period", c.keep_period, ">= 0")
+    _check(c.data.image_size > 0, "data.image_size", c.data.image_size, "> 0")
+    _check(c.data.prefetch >= 0, "data.prefetch", c.data.prefetch, ">= 0")
+    _check(c.augment.image_size > 0, "augment.image_size", c.augment.image_size, "> 0")
+    _check(
+        c.augment.crop or c.augment.image_size == c.data.image_size,
+        "augment.image_size",
+        c.augment.image_size,
+        f"equal to data.image_size={c.data.image_size} when augment.crop is False",
+    )
+    m = c.model
+    _check(m.depth in (18, 34, 50, 101, 152, 200), "model.depth", m.depth, "18/34/50/101/152/200")
+    _check(m.width_multiplier in (1, 2, 4), "model.width_multiplier", m.width_multiplier, "1/2/4")
+    _check(m.base_width > 0, "model.base_width", m.base_width, "> 0")
+    _check(m.stem in ("imagenet", "cifar"), "model.stem", m.stem, "'imagenet' or 'cifar'")
+    _check(m.head_layers >= 1, "model.head_layers", m.head_layers, ">= 1")
+    _check(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "float32/bfloat16")
+    o = c.optim
+    _check(o.name in ("lars", "sgd", "adamw"), "optim.name", o.name, "lars/sgd/adamw")
+    _check(o.base_lr > 0, "optim.base_lr", o.base_lr, "> 0")
+    _check(
+        o.lr_scaling in ("linear", "sqrt", "none"),
+        "optim.lr_scaling",
+        o.lr_scaling,
+        "linear/sqrt/none",
+    )
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, ">= 0")
+    _check(c.eval.knn_k > 0, "eval.knn_k", c.eval.knn_k, "> 0")
+    _check(c.eval.batch_size > 0, "eval.batch_size", c.eval.batch_size, "> 0")

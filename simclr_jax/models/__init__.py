@@ -1,0 +1,86 @@
+"""Flax models: ResNet encoders, projection head, online linear head and their composition."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from simclr_jax.models.heads import LinearHead, ProjectionHead
+from simclr_jax.models.resnet import RESNET_LAYOUTS, STEMS, ResNet, feature_dim, resnet
+
+__all__ = [
+    "LinearHead",
+    "ProjectionHead",
+    "RESNET_LAYOUTS",
+    "STEMS",
+    "ResNet",
+    "SimCLRModel",
+    "create_model",
+    "feature_dim",
+    "resnet",
+]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class SimCLRModel(nn.Module):
+    """Encoder + projection head + online linear head.
+
+    Returns `{'features', 'projection', 'head_outputs', 'logits'}`: pooled encoder features, the
+    final projection (fp32, used by the contrastive loss), every head layer's output, and the
+    linear head's logits on stop-gradient features.
+    """
+
+    encoder: ResNet
+    head: ProjectionHead
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = True) -> dict[str, Any]:
+        features = self.encoder(x, train=train)
+        head_outputs = self.head(features, train=train)
+        logits = LinearHead(self.num_classes, name="linear_head")(features)
+        return {
+            "features": features,
+            "projection": head_outputs[-1],
+            "head_outputs": head_outputs,
+            "logits": logits,
+        }
+
+
+def compute_dtype(name: str) -> Any:
+    """Maps a config dtype name to the jnp dtype; clear error on anything else."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} is not supported; allowed: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def create_encoder(model_config: Any, bn_axis_name: str | None = None) -> ResNet:
+    """Builds the ResNet encoder described by `config.model`."""
+    return resnet(
+        model_config.depth,
+        width_multiplier=model_config.width_multiplier,
+        stem=model_config.stem,
+        base_width=model_config.base_width,
+        zero_init_last_bn=model_config.zero_init_last_bn,
+        bn_axis_name=bn_axis_name,
+        dtype=compute_dtype(model_config.dtype),
+    )
+
+
+def create_model(config: Any, num_classes: int, bn_axis_name: str | None = None) -> SimCLRModel:
+    """Builds the SimCLR model from a full run config (`config.model`)."""
+    m = config.model
+    if m.head_layers < 1:
+        raise ValueError(f"model.head_layers={m.head_layers!r} must be >= 1 (2: SimCLRv1, 3: v2)")
+    head = ProjectionHead(
+        num_layers=m.head_layers,
+        hidden_dim=m.head_hidden_dim,
+        out_dim=m.head_out_dim,
+        use_bn=m.head_bn,
+        bn_axis_name=bn_axis_name,
+        dtype=compute_dtype(m.dtype),
+    )
+    return SimCLRModel(encoder=create_encoder(m, bn_axis_name), head=head, num_classes=num_classes)

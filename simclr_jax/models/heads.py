@@ -1,0 +1,65 @@
+"""Projection head (SimCLR v1/v2) and the online linear-evaluation head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from simclr_jax.models.resnet import BN_EPSILON, BN_MOMENTUM
+
+
+class ProjectionHead(nn.Module):
+    """MLP projection head: (Dense -> BN -> ReLU) x (num_layers - 1) -> Dense -> BN (no shift).
+
+    SimCLR v1 uses 2 layers, v2 uses 3 with BN in every layer. Returns the list of every layer's
+    output, the input first, so fine-tuning can start from a middle layer (SimCLR v2).
+    """
+
+    num_layers: int = 2
+    hidden_dim: int = 2048
+    out_dim: int = 128
+    use_bn: bool = True
+    bn_axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = True) -> list[jnp.ndarray]:
+        outputs = [x]
+        for i in range(self.num_layers):
+            last = i == self.num_layers - 1
+            x = nn.Dense(
+                self.out_dim if last else self.hidden_dim,
+                use_bias=not self.use_bn,
+                dtype=self.dtype,
+                name=f"dense{i + 1}",
+            )(x)
+            if self.use_bn:
+                # The final BN has no shift, as in SimCLR v2: a bias there is a no-op for the
+                # cosine-similarity loss.
+                x = nn.BatchNorm(
+                    use_running_average=not train,
+                    momentum=BN_MOMENTUM,
+                    epsilon=BN_EPSILON,
+                    use_bias=not last,
+                    dtype=self.dtype,
+                    axis_name=self.bn_axis_name,
+                    name=f"bn{i + 1}",
+                )(x)
+            if not last:
+                x = nn.relu(x)
+            outputs.append(x.astype(jnp.float32))
+        return outputs
+
+
+class LinearHead(nn.Module):
+    """Linear classifier on stop-gradient features (online linear evaluation)."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
+        features = jax.lax.stop_gradient(features.astype(jnp.float32))
+        return nn.Dense(self.num_classes, dtype=jnp.float32, name="dense")(features)
