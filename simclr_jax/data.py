@@ -1,0 +1,572 @@
+"""Host-side input pipeline: uint8 image batches, sliced per host, deterministic and resumable.
+
+Two paths, picked by `config.dataset`:
+
+* In memory (digits, cifar10, cifar100): the split is loaded once as a uint8 array and batches
+  are indexed in numpy. Epoch e visits `np.random.default_rng([seed, e]).permutation(n)`; global
+  batch t is the next `batch_size` indices of the concatenated epochs (each epoch's incomplete
+  tail dropped) and host p takes rows `[p*b, (p+1)*b)` of it. The hosts of a step together hold
+  exactly the single-host global batch, for any process count, and `start_step` resumes in O(1).
+* tf.data (stl10, imagenet2012, image_folder): each host reads its own shard of the files
+  (`tfds.split_for_jax_process`, or every process_count-th image file) through a seeded shuffle
+  with deterministic tf.data. The stream is reproducible for a fixed seed, process index and
+  count; `start_step` skips `start_step * b` records before decoding, so a resumed stream equals
+  the uninterrupted one from that step on. Random crops use stateless ops seeded by the record's
+  position in the host's stream, so parallel decoding does not change them.
+
+TensorFlow is imported only where a tfds dataset or an image folder is read (the GPU image has
+none), with its GPUs hidden. Datasets are never downloaded: a missing one raises
+`DatasetNotAvailableError` saying how to prepare it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+
+if TYPE_CHECKING:
+    import ml_collections
+
+IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")
+STREAMED_DATASETS = ("stl10", "imagenet2012", "image_folder")
+DATASETS = IN_MEMORY_DATASETS + STREAMED_DATASETS
+
+# tfds split read for pretraining and for each labelled evaluation split.
+_TFDS_SPLITS = {
+    "cifar10": {"pretrain": "train", "train": "train", "test": "test"},
+    "cifar100": {"pretrain": "train", "train": "train", "test": "test"},
+    "stl10": {"pretrain": "unlabelled+train", "train": "train", "test": "test"},
+    "imagenet2012": {"pretrain": "train", "train": "train", "test": "validation"},
+}
+# Evaluation keeps this fraction of the shorter side around the centre (= resize the shorter side
+# to S / 0.875, centre-crop S: the standard ImageNet protocol). STL-10 images are already framed.
+_EVAL_CROP_FRACTION = {"stl10": 1.0, "imagenet2012": 0.875, "image_folder": 0.875}
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+_FOLDER_LAYOUT = (
+    "Expected ROOT/train/<class>/*.jpg plus ROOT/test/<class>/*.jpg (or val/), or "
+    "ROOT/<class>/*.jpg (then every 5th file of each class is the test split); jpg, jpeg or png."
+)
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Sizes of a dataset; `num_train_examples` counts the pretraining split (stl10: 105000)."""
+
+    name: str
+    num_classes: int
+    num_train_examples: int
+    num_test_examples: int
+    image_size: int
+
+
+class DatasetNotAvailableError(RuntimeError):
+    """The dataset is not on this machine; the message says how to prepare it."""
+
+
+def _dataset_name(config: ml_collections.ConfigDict) -> str:
+    """config.dataset, checked against the supported names."""
+    if config.dataset not in DATASETS:
+        raise ValueError(
+            f"Unknown config.dataset {config.dataset!r}; allowed: {', '.join(DATASETS)}."
+        )
+    return config.dataset
+
+
+@functools.cache
+def _tf() -> Any:
+    """TensorFlow, imported on first use with its GPUs hidden (JAX owns the accelerators)."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TF already initialised its devices; too late to hide them, harmless.
+        pass
+    return tf
+
+
+def _tfds() -> Any:
+    """tensorflow_datasets, imported after `_tf` has hidden the GPUs."""
+    _tf()
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
+# ---------------------------------------------------------------- in-memory datasets
+
+
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] bilinear weights with half-pixel centres and clamped edges."""
+    x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(x).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    weights = np.zeros((n_out, n_in), np.float32)
+    np.add.at(weights, (np.arange(n_out), lo), 1 - (x - lo))
+    np.add.at(weights, (np.arange(n_out), hi), x - lo)
+    return weights
+
+
+def _resize_bilinear(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize float [N, H, W, ...] to [N, size, size, ...] (upsampling: as jax.image.resize)."""
+    rows = _bilinear_matrix(images.shape[1], size)
+    cols = _bilinear_matrix(images.shape[2], size)
+    images = np.einsum("ah,nhw...->naw...", rows, images, optimize=True)
+    return np.einsum("bw,naw...->nab...", cols, images, optimize=True)
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    """Round float pixel values in [0, 255] to uint8."""
+    return np.clip(np.round(images), 0, 255).astype(np.uint8)
+
+
+@functools.cache
+def _digits_arrays(image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's 1797 digits as RGB uint8 at `image_size`, split 1437/360 (stratified)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    gray = _to_uint8(_resize_bilinear(digits.images.astype(np.float32), image_size) * (255 / 16))
+    images = np.repeat(gray[..., None], 3, axis=-1)
+    split = train_test_split(
+        images,
+        digits.target.astype(np.int32),
+        test_size=0.2,
+        random_state=0,
+        stratify=digits.target,
+    )
+    for array in split:
+        array.setflags(write=False)  # cached and shared by every caller
+    return {"train": (split[0], split[2]), "test": (split[1], split[3])}
+
+
+def _tfds_builder(config: ml_collections.ConfigDict) -> Any:
+    """The tfds builder of config.dataset, or DatasetNotAvailableError if its data is missing."""
+    tfds = _tfds()
+    name, data_dir = config.dataset, config.data.data_dir or None
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    try:  # tfds.testing.mock_data serves builders that report is_prepared() == False.
+        builder.as_dataset(split=_TFDS_SPLITS[name]["test"])
+        return builder
+    except AssertionError:
+        pass
+    if name == "imagenet2012":
+        return _prepare_imagenet(builder, config.data.manual_dir)
+    dir_flag = f" --data_dir={data_dir}" if data_dir else ""
+    raise DatasetNotAvailableError(
+        f"Dataset {name!r} is not prepared in {builder.data_dir} and is never downloaded "
+        f"implicitly. On a machine with internet access run `tfds build {name}{dir_flag}` "
+        f"(or `tfds build {name} --data_dir=DIR`, then set config.data.data_dir=DIR) and copy the "
+        "data directory here."
+    )
+
+
+def _prepare_imagenet(builder: Any, manual_dir: str | None) -> Any:
+    """Build imagenet2012 from the tars in manual_dir (hours, once), or explain where they go."""
+    missing = [
+        t for t in _IMAGENET_TARS if not manual_dir or not os.path.isfile(f"{manual_dir}/{t}")
+    ]
+    if missing:
+        raise DatasetNotAvailableError(
+            f"Dataset 'imagenet2012' is not prepared in {builder.data_dir} and "
+            f"config.data.manual_dir={manual_dir!r} lacks {', '.join(missing)}. ImageNet cannot "
+            "be downloaded: get ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
+            "https://image-net.org/download-images, put both in a folder DIR and set "
+            "config.data.manual_dir=DIR, or prepare it once beforehand (best for several hosts): "
+            "`tfds build imagenet2012 --manual_dir=DIR --data_dir=DATA_DIR` and set "
+            "config.data.data_dir=DATA_DIR."
+        )
+    tfds = _tfds()
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
+    return builder
+
+
+def _tfds_num_examples(builder: Any, split: str) -> int:
+    """Examples in a tfds split such as 'unlabelled+train', from metadata (no read)."""
+    if builder.info.splits:
+        return sum(builder.info.splits[part].num_examples for part in split.split("+"))
+    return int(builder.as_dataset(split=split).cardinality())  # mock_data: no split metadata
+
+
+def _memory_arrays(
+    config: ml_collections.ConfigDict, split: str, max_examples: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """All (or the first max_examples) images [N, S, S, 3] uint8 and labels [N] int32 of a split."""
+    size = config.data.image_size
+    if config.dataset == "digits":
+        images, labels = _digits_arrays(size)[split]
+        return images[: max_examples or None].copy(), labels[: max_examples or None].copy()
+    records = _tfds_builder(config).as_dataset(
+        split=_TFDS_SPLITS[config.dataset][split], shuffle_files=False
+    )
+    if max_examples:
+        records = records.take(max_examples)
+    # Batched reads: tfds' batch_size=-1 aborts the process under mock_data.
+    batches = list(records.batch(1024).as_numpy_iterator())
+    images = np.concatenate([b["image"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches]).astype(np.int32)
+    if images.shape[1:3] != (size, size):
+        images = _to_uint8(_resize_bilinear(images.astype(np.float32), size))
+    return images, labels
+
+
+def _memory_batches(
+    images: np.ndarray, labels: np.ndarray, seed: int, batch_size: int, rows: slice, step: int
+) -> Iterator[Batch]:
+    """Rows `rows` of every global batch from `step` on (the stream in the module docstring)."""
+    steps_per_epoch = len(labels) // batch_size
+    epoch, order = -1, None
+    while True:
+        e, i = divmod(step, steps_per_epoch)
+        if e != epoch:
+            epoch, order = e, np.random.default_rng([seed, e]).permutation(len(labels))
+        index = order[i * batch_size : (i + 1) * batch_size][rows]
+        yield {"image": images[index], "label": labels[index]}
+        step += 1
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def _image_files(directory: str, classes: list[str]) -> list[list[str]]:
+    """Sorted image paths of each class sub-folder of `directory` (empty where it is missing)."""
+    files = []
+    for name in classes:
+        folder = os.path.join(directory, name)
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        files.append(
+            [os.path.join(folder, f) for f in names if f.lower().endswith(_IMAGE_EXTENSIONS)]
+        )
+    return files
+
+
+def _subfolders(directory: str) -> list[str]:
+    """Sorted names of the sub-folders of `directory`."""
+    return sorted(e.name for e in os.scandir(directory) if e.is_dir())
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_splits(root: str | None) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(class names, {'train'|'test': (paths, int32 labels)}) of an image folder, fixed order."""
+    if not root or not os.path.isdir(root):
+        raise DatasetNotAvailableError(
+            f"image_folder: config.data.folder={root!r} is not a directory. {_FOLDER_LAYOUT}"
+        )
+    train_dir = os.path.join(root, "train")
+    test_dirs = [d for d in ("test", "val", "validation") if os.path.isdir(os.path.join(root, d))]
+    if os.path.isdir(train_dir) and test_dirs:
+        test_dir = os.path.join(root, test_dirs[0])
+        classes = _subfolders(train_dir)
+        unknown = set(_subfolders(test_dir)) - set(classes)
+        if unknown:
+            raise DatasetNotAvailableError(
+                f"image_folder: {test_dir} has classes missing from train/: {sorted(unknown)}."
+            )
+        files = {"train": _image_files(train_dir, classes), "test": _image_files(test_dir, classes)}
+    else:
+        classes = _subfolders(root)
+        per_class = _image_files(root, classes)
+        # Every 5th file (by name) of a class is held out: 20%, fixed, stable as files are added.
+        files = {
+            "train": [[f for i, f in enumerate(fs) if i % 5 != 4] for fs in per_class],
+            "test": [fs[4::5] for fs in per_class],
+        }
+    if not any(files["train"]):
+        raise DatasetNotAvailableError(
+            f"image_folder: no class folder with images in {root}. {_FOLDER_LAYOUT}"
+        )
+    splits = {}
+    for split, per_class in files.items():
+        paths = np.array([f for fs in per_class for f in fs], dtype=str)
+        labels = np.array([c for c, fs in enumerate(per_class) for _ in fs], dtype=np.int32)
+        # A fixed shuffle, so an eval cap or a host's share mixes all classes.
+        order = np.random.default_rng(0).permutation(len(paths))
+        splits[split] = (paths[order], labels[order])
+    return classes, splits
+
+
+# ---------------------------------------------------------------- tf.data datasets
+
+
+def _decode_crop(data: Any, size: int, *, seed: Any = None, fraction: float = 1.0) -> Any:
+    """Decode an encoded image inside a crop window and resize it to uint8 [size, size, 3].
+
+    With `seed` the window is SimCLR's random resized crop of the original image; without, the
+    centre square spanning `fraction` of the shorter side. JPEGs decode only the window.
+    """
+    tf = _tf()
+
+    def window(shape: Any) -> Any:
+        if seed is None:
+            side = tf.cast(tf.cast(tf.minimum(shape[0], shape[1]), tf.float32) * fraction, tf.int32)
+            return tf.stack([(shape[0] - side) // 2, (shape[1] - side) // 2, side, side])
+        begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+            shape,
+            tf.zeros([1, 0, 4]),
+            seed=seed,
+            area_range=(0.08, 1.0),
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
+        return tf.stack([begin[0], begin[1], extent[0], extent[1]])
+
+    def jpeg() -> Any:
+        return tf.image.decode_and_crop_jpeg(
+            data, window(tf.image.extract_jpeg_shape(data)), channels=3
+        )
+
+    def other() -> Any:
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        y, x, h, w = tf.unstack(window(tf.shape(image)))
+        return image[y : y + h, x : x + w]
+
+    image = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+    image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _records(
+    config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    seed: int | None = None,
+) -> tuple[Any, Callable[[Any], Any]]:
+    """(tf.data of {'image', 'label'}, fn turning 'image' into encoded bytes) for this host."""
+    tf = _tf()
+    if config.dataset == "image_folder":
+        _, splits = _folder_splits(config.data.folder)
+        paths, labels = splits["train" if split == "pretrain" else split]
+        per_host = len(paths) // process_count  # equal shares keep the hosts' epochs in step
+        paths, labels = (a[process_index::process_count][:per_host] for a in (paths, labels))
+        records = tf.data.Dataset.from_tensor_slices({"image": paths, "label": labels})
+        return records, tf.io.read_file
+    tfds = _tfds()
+    builder = _tfds_builder(config)
+    tfds_split = tfds.split_for_jax_process(
+        _TFDS_SPLITS[config.dataset][split],
+        process_index=process_index,
+        process_count=process_count,
+        drop_remainder=True,
+    )
+    records = builder.as_dataset(
+        split=tfds_split,
+        shuffle_files=seed is not None,
+        decoders={"image": tfds.decode.SkipDecoding()},  # decode later, fused with the crop
+        read_config=tfds.ReadConfig(shuffle_seed=seed),
+    )
+    return records, tf.identity
+
+
+def _tf_options(config: ml_collections.ConfigDict) -> Any:
+    """tf.data options: deterministic order, config.data.num_threads threads (0: TF's choice)."""
+    options = _tf().data.Options()
+    options.deterministic = True
+    if config.data.num_threads:
+        options.threading.private_threadpool_size = config.data.num_threads
+    return options
+
+
+def _streamed_batches(
+    config: ml_collections.ConfigDict, process_index: int, process_count: int, batch: int, step: int
+) -> Iterator[Batch]:
+    """This host's pretraining batches from a tfds dataset or image folder, from `step` on."""
+    tf = _tf()
+    seed = int(np.random.default_rng([config.seed, process_index]).integers(2**31))
+    records, load = _records(
+        config, "pretrain", process_index=process_index, process_count=process_count, seed=seed
+    )
+    size = config.data.image_size
+
+    def prepare(position: Any, example: Any) -> dict[str, Any]:
+        data = load(example["image"])
+        if config.data.host_crop:  # two independent crops of the original image
+            seeds = [tf.stack([tf.constant(seed, tf.int64), 2 * position + v]) for v in (0, 1)]
+            image = tf.stack([_decode_crop(data, size, seed=s) for s in seeds])
+        else:
+            image = _decode_crop(data, size)
+        return {"image": image, "label": tf.cast(example["label"], tf.int32)}
+
+    ds = records.shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    # Number the records before skipping, so crop seeds do not depend on where a run resumed.
+    ds = ds.repeat().enumerate().skip(step * batch)
+    ds = ds.map(prepare, num_parallel_calls=config.data.num_threads or tf.data.AUTOTUNE)
+    ds = ds.batch(batch, drop_remainder=True).prefetch(1)
+    return ds.with_options(_tf_options(config)).as_numpy_iterator()
+
+
+def _streamed_arrays(
+    config: ml_collections.ConfigDict, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centre-cropped eval images [N, S, S, 3] uint8 and labels [N] int32 of a tf.data dataset."""
+    tf = _tf()
+    records, load = _records(config, split)
+    if config.data.eval_max_examples:
+        records = records.take(config.data.eval_max_examples)
+    size, fraction = config.data.image_size, _EVAL_CROP_FRACTION[config.dataset]
+    ds = records.map(
+        lambda ex: (
+            _decode_crop(load(ex["image"]), size, fraction=fraction),
+            tf.cast(ex["label"], tf.int32),
+        ),
+        num_parallel_calls=config.data.num_threads or tf.data.AUTOTUNE,
+    )
+    batches = list(ds.batch(256).with_options(_tf_options(config)).as_numpy_iterator())
+    if not batches:
+        return np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int32)
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
+# ---------------------------------------------------------------- prefetching
+
+
+class _Prefetcher(Iterator[Batch]):
+    """Iterates `source` on a daemon thread, keeping up to `size` items ready."""
+
+    def __init__(self, source: Iterator[Batch], size: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        # The thread gets no reference to self, so dropping the iterator collects it and stops it.
+        self._thread = threading.Thread(
+            target=_produce,
+            args=(source, self._queue, self._stop),
+            daemon=True,
+            name="simclr_jax-data-prefetch",
+        )
+        self._thread.start()
+
+    def __next__(self) -> Batch:
+        if self._stop.is_set():
+            raise StopIteration
+        item = self._queue.get()
+        if isinstance(item, _End):
+            self.close()
+            if item.error is not None:
+                raise item.error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop the producer thread (it exits within 0.1 s)."""
+        self._stop.set()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+@dataclasses.dataclass
+class _End:
+    """The producer finished; `error` is what it raised, if anything."""
+
+    error: BaseException | None = None
+
+
+def _produce(source: Iterator[Batch], out: queue.Queue, stop: threading.Event) -> None:
+    """Move items from `source` into `out` until it ends, fails, or `stop` is set."""
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)  # wake up now and then to notice `stop`
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    try:
+        for item in source:
+            if not put(item):
+                return
+        put(_End())
+    except BaseException as error:  # handed to the consumer, which re-raises it
+        put(_End(error))
+
+
+# ---------------------------------------------------------------- public API
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+    """Class count and split sizes of config.dataset from metadata (no full read)."""
+    name, size = _dataset_name(config), config.data.image_size
+    if name == "digits":
+        splits = _digits_arrays(size)
+        return DatasetInfo(name, 10, len(splits["train"][1]), len(splits["test"][1]), size)
+    if name == "image_folder":
+        classes, splits = _folder_splits(config.data.folder)
+        return DatasetInfo(
+            name, len(classes), len(splits["train"][0]), len(splits["test"][0]), size
+        )
+    builder = _tfds_builder(config)
+    return DatasetInfo(
+        name=name,
+        num_classes=builder.info.features["label"].num_classes,
+        num_train_examples=_tfds_num_examples(builder, _TFDS_SPLITS[name]["pretrain"]),
+        num_test_examples=_tfds_num_examples(builder, _TFDS_SPLITS[name]["test"]),
+        image_size=size,
+    )
+
+
+def pretrain_iterator(
+    config: ml_collections.ConfigDict,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    start_step: int = 0,
+) -> Iterator[Batch]:
+    """Endless per-host batches {'image': uint8 [b, S, S, 3] (host_crop: [b, 2, S, S, 3]), 'label'}.
+
+    `b = config.batch_size // process_count`; labels are int32, -1 for unlabelled images. The
+    stream starts at global batch `start_step`. Close the iterator (or drop it) to stop its thread.
+    """
+    name = _dataset_name(config)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if config.batch_size % process_count:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is not divisible by "
+            f"process_count={process_count}."
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
+    batch = config.batch_size // process_count
+    if name in IN_MEMORY_DATASETS:
+        if config.data.host_crop:
+            raise ValueError(
+                f"config.data.host_crop is for {', '.join(STREAMED_DATASETS)}, not {name}."
+            )
+        images, labels = _memory_arrays(config, "train")
+        if len(labels) < config.batch_size:
+            raise ValueError(
+                f"config.batch_size={config.batch_size} > {len(labels)} {name} examples."
+            )
+        rows = slice(process_index * batch, (process_index + 1) * batch)
+        batches = _memory_batches(images, labels, config.seed, config.batch_size, rows, start_step)
+    else:
+        batches = _streamed_batches(config, process_index, process_count, batch, start_step)
+    return _Prefetcher(batches, config.data.prefetch) if config.data.prefetch > 0 else batches
+
+
+def eval_arrays(config: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [N, S, S, 3] and labels int32 [N] of a labelled split, in a fixed order."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+    if _dataset_name(config) in IN_MEMORY_DATASETS:
+        return _memory_arrays(config, split, config.data.eval_max_examples)
+    return _streamed_arrays(config, split)
