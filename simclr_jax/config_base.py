@@ -77,6 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.knn_temperature = 0.1
     c.eval.linear_l2 = 1e-4  # L2 penalty of the linear probe (on standardised features)
 
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.label_fraction = 1.0  # class-balanced, seeded subset of the labels (0.01, 0.1)
+    c.finetune.from_head_layer = 0  # 0: encoder features; k: after k projection-head layers
+    c.finetune.eval_every_epochs = 0  # test accuracy during fine-tuning (0: only at the end)
+
     c.distributed = ml_collections.ConfigDict()
     c.distributed.enabled = False  # call jax.distributed.initialize (auto on TPU VM / SLURM)
     c.distributed.coordinator_address = ""  # host:port; empty: auto-detect
@@ -86,9 +91,13 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+class ConfigError(ValueError):
+    """A config key with a value that is not allowed; the message names both."""
+
+
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"config.{key}={value!r} is invalid: {allowed}")
+        raise ConfigError(f"config.{key}={value!r} is invalid: {allowed}")
 
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
@@ -128,5 +137,65 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     )
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, ">= 0")
+    f = c.finetune
+    _check(0 < f.label_fraction <= 1, "finetune.label_fraction", f.label_fraction, "in (0, 1]")
+    _check(f.from_head_layer >= 0, "finetune.from_head_layer", f.from_head_layer, ">= 0")
     _check(c.eval.knn_k > 0, "eval.knn_k", c.eval.knn_k, "> 0")
     _check(c.eval.batch_size > 0, "eval.batch_size", c.eval.batch_size, "> 0")
+
+
+# Keys that change only cadence, resources or reporting: a resumed run may change them freely.
+RESUME_SAFE_KEYS = (
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "keep_period",
+    "eval.",
+    "data.prefetch",
+    "data.num_threads",
+    "data.data_dir",
+    "data.manual_dir",
+    "distributed.",
+    "init_from",
+    "finetune.",
+)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Lines `key: saved -> new` for every key whose change alters what a resumed run computes."""
+    a, b = _flatten(saved), _flatten(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(RESUME_SAFE_KEYS) or a.get(key) == b.get(key):
+            continue
+        lines.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
+    return lines
+
+
+def sibling_config(
+    config_file: str, name: str, arg: str | None = None
+) -> ml_collections.ConfigDict:
+    """`get_config()` of `<dir of config_file>/<name>.py`: variant configs start from a base one.
+
+    Loads by path, so configs work from any working directory without being a package.
+    """
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"simclr_config_{name}", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"config file {path} not found")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)

@@ -19,6 +19,7 @@ class ProjectionHead(nn.Module):
     """
 
     num_layers: int = 2
+    num_used: int | None = None  # compute only the first k layers (fine-tuning from layer k)
     hidden_dim: int = 2048
     out_dim: int = 128
     use_bn: bool = True
@@ -28,7 +29,8 @@ class ProjectionHead(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = True) -> list[jnp.ndarray]:
         outputs = [x]
-        for i in range(self.num_layers):
+        used = self.num_layers if self.num_used is None else self.num_used
+        for i in range(used):
             last = i == self.num_layers - 1
             x = nn.Dense(
                 self.out_dim if last else self.hidden_dim,

@@ -1,0 +1,181 @@
+"""Images/sec, FLOPs, MFU and memory of the jitted SimCLR train step on synthetic data.
+
+    python benchmarks/train_step.py --config=configs/digits.py --batch_size=256 --steps=10
+    python benchmarks/train_step.py --preset=resnet50_224 --batch_size=256 --dtype=bfloat16
+
+Runs the real `train.compile_train_step` (augmentation on device included unless
+--no_augment) on random uint8 images placed on the devices, excludes compile time, and prints
+one table row per run. Needs no TensorFlow and no dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Peak dense bf16 / fp32 FLOP/s per device kind (vendor figures), for MFU.
+PEAK_FLOPS = {
+    "H100": {"bfloat16": 989e12, "float32": 67e12},
+    "H200": {"bfloat16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float32": 19.5e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+    "TPU v5e": {"bfloat16": 197e12, "float32": 197e12},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+}
+
+PRESETS = {
+    "resnet18_cifar32": dict(
+        depth=18, stem="cifar", image_size=32, base_width=64, hidden=512, blur=0.0
+    ),
+    "resnet50_224": dict(
+        depth=50, stem="imagenet", image_size=224, base_width=64, hidden=2048, blur=0.5
+    ),
+}
+
+
+def load_config(args):
+    """Config from --config file or --preset, with the command-line overrides applied."""
+    if args.config:
+        spec = importlib.util.spec_from_file_location("cfg", args.config)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        c = mod.get_config()
+    else:
+        from simclr_jax.config_base import base_config
+
+        p = PRESETS[args.preset]
+        c = base_config()
+        c.model.depth, c.model.stem, c.model.base_width = p["depth"], p["stem"], p["base_width"]
+        c.model.head_hidden_dim = p["hidden"]
+        c.data.image_size = c.augment.image_size = p["image_size"]
+        c.augment.blur_prob = p["blur"]
+    if args.image_size:
+        c.data.image_size = c.augment.image_size = args.image_size
+    if args.base_width:
+        c.model.base_width = args.base_width
+    c.batch_size = args.batch_size
+    c.model.dtype = args.dtype or c.model.dtype
+    c.total_steps = 1000
+    return c
+
+
+def peak_flops(device, dtype: str) -> float | None:
+    """The device kind's peak FLOP/s from PEAK_FLOPS, or None when unknown (CPU)."""
+    for name, peaks in PEAK_FLOPS.items():
+        if name.lower() in device.device_kind.lower():
+            return peaks[dtype]
+    return None
+
+
+def run(args) -> dict:
+    """Compiles and times the step; returns the table row."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from simclr_jax import models, optim, parallel, train
+
+    config = load_config(args)
+    mesh = parallel.make_mesh()
+    model = models.create_model(config, num_classes=10)
+    shapes = jax.eval_shape(
+        lambda: train.init_variables(model, jax.random.key(0), config.augment.image_size)
+    )
+    tx, schedule = optim.make_optimizer(config, shapes["params"], steps_per_epoch=100)
+    state = train.create_train_state(config, model, tx, mesh)
+    size = config.data.image_size
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
+        "label": rng.integers(0, 10, (config.batch_size,), dtype=np.int32),
+    }
+    if args.no_augment:
+        config.augment.crop = False
+        config.augment.color_jitter_prob = config.augment.grayscale_prob = 0.0
+        config.augment.blur_prob = 0.0
+        config.augment.flip = False
+    batch = jax.device_put(batch, parallel.data_sharded(mesh))
+    step = train.compile_train_step(config, model, tx, schedule, mesh)
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    mem = compiled.memory_analysis()
+
+    state, m = compiled(state, batch)  # warm-up
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, m = compiled(state, batch)
+    jax.block_until_ready((state, m))
+    dt = (time.perf_counter() - t0) / args.steps
+    n_dev = jax.device_count()
+    dev = jax.devices()[0]
+    peak = peak_flops(dev, config.model.dtype)
+    stats = dev.memory_stats() or {}
+    row = {
+        "device": f"{n_dev}x {dev.device_kind}",
+        "model": f"R{config.model.depth}/{config.model.base_width * config.model.width_multiplier}",
+        "px": size,
+        "batch": config.batch_size,
+        "dtype": config.model.dtype,
+        "aug": "off" if args.no_augment else "on",
+        "step_s": dt,
+        "img_per_s": config.batch_size / dt,
+        "gflop_per_img": flops / config.batch_size / 1e9 if flops else float("nan"),
+        "mfu": (flops / n_dev / dt / peak) if (flops and peak) else float("nan"),
+        "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30
+        if stats
+        else (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
+        / 2**30,
+        "compile_s": compile_s,
+    }
+    del jnp
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    """Prints rows as a Markdown table."""
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()]
+        print("| " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    """Parses flags, runs the benchmark, prints the table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="")
+    p.add_argument("--preset", default="resnet18_cifar32", choices=sorted(PRESETS))
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--image_size", type=int, default=0)
+    p.add_argument("--base_width", type=int, default=0)
+    p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--no_augment", action="store_true")
+    p.add_argument(
+        "--cpu_flags",
+        default="on",
+        choices=["on", "off"],
+        help="XLA:CPU flags of simclr_jax.platform_flags (CPU only)",
+    )
+    args = p.parse_args()
+    if args.cpu_flags == "on":
+        from simclr_jax import platform_flags
+
+        platform_flags.set_cpu_flags()
+    print_table([run(args)])
+
+
+if __name__ == "__main__":
+    main()

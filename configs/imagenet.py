@@ -1,0 +1,47 @@
+"""SimCLR v1 on ImageNet: ResNet-50, batch 4096, LARS 0.3 x B/256, 100 epochs (SimCLR paper).
+
+    python -m simclr_jax.main --config=configs/imagenet.py --workdir=gs://bucket/simclr_r50 \
+        --config.data.manual_dir=/data/imagenet_tars
+
+Decoding fuses the first random resized crop on the original JPEG (two crops per image) on the
+host, so the crop distribution holds on the original image; the device does flip, colour and
+blur. For SimCLR v2 use --config.model.head_layers=3 and a larger width.
+"""
+
+from simclr_jax.config_base import base_config
+
+
+def get_config():
+    """Returns the ImageNet config."""
+    c = base_config()
+    c.dataset = "imagenet2012"
+    c.batch_size = 4096
+    c.num_epochs = 100.0
+    c.temperature = 0.1
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 2500
+
+    c.data.image_size = 224
+    c.data.host_crop = True  # random-resized-crop at decode time, on the original image
+    c.data.shuffle_buffer = 50_000
+    c.data.prefetch = 4
+    c.data.eval_max_examples = 0
+
+    c.augment.crop = False  # the host already cropped
+    c.augment.image_size = 224
+    c.augment.color_jitter_strength = 1.0
+    c.augment.blur_prob = 0.5
+
+    c.model.depth = 50
+    c.model.stem = "imagenet"
+    c.model.head_layers = 2
+    c.model.head_hidden_dim = 2048
+    c.model.head_out_dim = 128
+    c.model.dtype = "bfloat16"  # compute in bf16; params, BN statistics and the loss stay fp32
+
+    c.optim.base_lr = 0.3  # peak 0.3 * 4096 / 256 = 4.8
+    c.optim.lr_scaling = "linear"
+    c.optim.weight_decay = 1e-6
+    c.optim.warmup_epochs = 10.0
+    c.eval.batch_size = 1024
+    return c

@@ -1,0 +1,96 @@
+"""What each `--mode` of the command line does, as functions of `(config, workdir)`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ml_collections
+
+log = logging.getLogger(__name__)
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> Any:
+    """SimCLR pretraining with automatic resume, export and end-of-run evaluation."""
+    from simclr_jax import train
+
+    return train.train_and_evaluate(config, workdir, allow_config_change)
+
+
+def export(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> str:
+    """Writes `workdir/export/` from the workdir's latest checkpoint."""
+    from simclr_jax import train
+
+    state, _ = train.restore_for_inference(config, workdir)
+    path = train.export_run(config, state, workdir)
+    print(f"exported the encoder to {path}")
+    return path
+
+
+def linear_eval(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> Any:
+    """Linear probe + kNN of an export (`init_from`) or of the workdir's latest checkpoint."""
+    from simclr_jax import finetune
+
+    return finetune.linear_eval(config, workdir)
+
+
+def finetune_mode(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
+) -> Any:
+    """Fine-tunes an exported encoder (`init_from`) with a classifier on labelled data."""
+    from simclr_jax import finetune
+
+    return finetune.finetune(config, workdir)
+
+
+def export_torch_mode(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
+) -> dict[str, str]:
+    """Converts an export (`init_from`, else `workdir/export`) to torchvision safetensors."""
+    from simclr_jax import checkpoint, export_torch
+
+    source = config.init_from or checkpoint.export_dir(workdir)
+    # Beside a run's own export (workdir/export_torch); for an init_from export, in the workdir.
+    out = None if not config.init_from else os.path.join(workdir, "export_torch")
+    paths = export_torch.export_torch(source, out)
+    print(f"wrote the PyTorch export of {source} to {os.path.dirname(paths['encoder'])}")
+    return paths
+
+
+def report_mode(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> str:
+    """Writes `workdir/report/` (plots, evaluation table, index.html) from the run's files."""
+    from simclr_jax import report
+
+    path = report.write_report(workdir)
+    print(f"wrote the report to {path}")
+    return path
+
+
+def preview_augment_mode(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
+) -> str:
+    """Writes `workdir/report/augment.png`: source images and SimCLR views under `config`."""
+    from simclr_jax import preview
+
+    path = preview.preview_augment(config, workdir, seed=config.seed)
+    print(f"wrote the augmentation preview to {path}")
+    return path
+
+
+MODES = {
+    "pretrain": pretrain,
+    "export": export,
+    "linear_eval": linear_eval,
+    "finetune": finetune_mode,
+    "export_torch": export_torch_mode,
+    "report": report_mode,
+    "preview_augment": preview_augment_mode,
+}
+
+
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str, allow_change: bool) -> Any:
+    """Runs `mode`; raises ValueError naming the allowed modes for an unknown one."""
+    if mode not in MODES:
+        raise ValueError(f"--mode={mode!r} is not one of {sorted(MODES)}")
+    return MODES[mode](config, workdir, allow_change)
