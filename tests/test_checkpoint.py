@@ -1,0 +1,184 @@
+"""Checkpoints: kill-and-resume equality, resharding on restore, corruption fallback, config guard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from tiny import tiny_config
+
+from simclr_jax import checkpoint, data, models, optim, parallel, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The tiny run as command-line overrides, so a subprocess can be killed mid-run.
+TINY_FLAGS = [
+    "--config.batch_size=32",
+    "--config.data.image_size=8",
+    "--config.augment.image_size=8",
+    "--config.model.base_width=4",
+    "--config.model.head_hidden_dim=16",
+    "--config.model.head_out_dim=16",
+    "--config.optim.warmup_epochs=1",
+    "--config.eval.at_end=False",
+    "--config.log_every_steps=5",
+    "--config.checkpoint_every_steps=10",
+    "--config.keep_checkpoints=2",
+]
+
+
+def _main(workdir, total_steps, extra=()):
+    """Starts `python -m simclr_jax.main` on the tiny digits run; returns the Popen."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "simclr_jax.main",
+        f"--config={REPO}/configs/digits.py",
+        f"--workdir={workdir}",
+        f"--config.total_steps={total_steps}",
+        *TINY_FLAGS,
+        *extra,
+    ]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait_for(path, proc, timeout=120.0):
+    t0 = time.time()
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {path} appeared:\n{proc.stdout.read()}")
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.02)
+
+
+def _final_variables(workdir):
+    variables, meta = checkpoint.load_export(os.path.join(workdir, "export"))
+    return jax.tree.leaves(variables), meta
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("full"))
+    proc = _main(workdir, 60)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return _final_variables(workdir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, uninterrupted, sig):
+    workdir = str(tmp_path / "run")
+    proc = _main(workdir, 60)
+    _wait_for(os.path.join(workdir, "checkpoints", "10"), proc)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        # The preemption handler saved a checkpoint at the step it stopped and exited cleanly.
+        assert proc.returncode == 0, out
+        assert "preemption" in out
+    names = os.listdir(os.path.join(workdir, "checkpoints"))
+    steps = sorted(int(s) for s in names if s.isdigit())
+    assert steps and steps[-1] < 60
+    assert not os.path.exists(os.path.join(workdir, "export"))
+
+    proc = _main(workdir, 60)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert f"resumed from step {steps[-1]}" in out
+    got, meta = _final_variables(workdir)
+    want, _ = uninterrupted
+    assert meta["source"]["step"] == 60
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)  # bit-exact on CPU
+    rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert rows[-1]["step"] == 60
+
+
+def _state_on(devices, config, steps=0):
+    mesh = parallel.make_mesh(devices)
+    info = data.dataset_info(config)
+    model = models.create_model(config, info.num_classes)
+    shapes = jax.eval_shape(lambda: train.init_variables(model, jax.random.key(0), 8))
+    tx, schedule = optim.make_optimizer(config, shapes["params"], 10)
+    state = train.create_train_state(config, model, tx, mesh)
+    if steps:
+        step_fn = train.compile_train_step(config, model, tx, schedule, mesh)
+        it = data.pretrain_iterator(config)
+        for _ in range(steps):
+            state, _ = step_fn(state, parallel.host_to_global(next(it), mesh))
+    return state, (config, model, tx, mesh)
+
+
+def test_restore_onto_fewer_devices(tmp_path):
+    config = tiny_config()
+    state8, _ = _state_on(jax.devices(), config, steps=3)
+    manager = checkpoint.create_manager(str(tmp_path))
+    checkpoint.save(manager, 3, state8, {"step": 3, "data_step": 3})
+    manager.wait_until_finished()
+
+    _, (cfg, model, tx, mesh4) = _state_on(jax.devices()[:4], config)
+    abstract = train.abstract_train_state(cfg, model, tx, mesh4)
+    state4, meta, step = checkpoint.restore_latest(manager, abstract, str(tmp_path))
+    manager.close()
+    assert step == 3 and meta["data_step"] == 3
+    assert int(state4.step) == 3
+    leaf4 = jax.tree.leaves(state4.params)[0]
+    assert len(leaf4.sharding.device_set) == 4
+    for a, b in zip(jax.tree.leaves(state4), jax.tree.leaves(state8), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_corrupted_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    config = tiny_config()
+    state, (cfg, model, tx, mesh) = _state_on(jax.devices(), config, steps=1)
+    workdir = str(tmp_path)
+    manager = checkpoint.create_manager(workdir, async_save=False)
+    for step in (1, 2):
+        checkpoint.save(manager, step, state, {"step": step, "data_step": step})
+    manager.wait_until_finished()
+    # Truncate every data file of the newest checkpoint's state.
+    newest = os.path.join(checkpoint.checkpoint_dir(workdir), "2", "state")
+    for root, _, files in os.walk(newest):
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(3)
+    user_file = os.path.join(workdir, "notes.txt")
+    open(user_file, "w").write("mine")
+
+    abstract = train.abstract_train_state(cfg, model, tx, mesh)
+    _, meta, step = checkpoint.restore_latest(manager, abstract, workdir)
+    manager.close()
+    assert step == 1 and meta["step"] == 1
+    assert any("cannot be restored" in r.message and "/2" in r.message for r in caplog.records)
+    moved = os.listdir(os.path.join(workdir, "checkpoints_unreadable"))
+    assert len(moved) == 1 and moved[0].startswith("2-")
+    assert open(user_file).read() == "mine"
+
+
+def test_changed_config_refuses_to_resume(tmp_path):
+    workdir = str(tmp_path)
+    train.train_and_evaluate(tiny_config(total_steps=2, eval=_no_eval()), workdir)
+    changed = tiny_config(total_steps=4, temperature=0.7, eval=_no_eval())
+    with pytest.raises(ValueError, match=r"temperature: 0.2 -> 0.7"):
+        train.train_and_evaluate(changed, workdir)
+    # Allowed explicitly: it resumes from step 2 and runs to 4, keeping the old config aside.
+    out = train.train_and_evaluate(changed, workdir, allow_config_change=True)
+    assert int(out["state"].step) == 4
+    assert len([f for f in os.listdir(workdir) if f.startswith("config.")]) == 2
+
+
+def _no_eval():
+    c = tiny_config().eval
+    c.at_end = False
+    return c
