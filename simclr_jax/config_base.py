@@ -6,7 +6,7 @@ from typing import Any
 
 import ml_collections
 
-METHODS = ("simclr",)
+METHODS = ("simclr", "moco")
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "imagenet2012", "image_folder")
 
 
@@ -25,6 +25,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # keep the newest N checkpoints ...
     c.keep_period = 0  # ... plus every step divisible by this (0: none)
     c.init_from = ""  # export directory to start from (finetune / linear_eval modes)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.impl = "dense"  # 'dense': local rows x gathered batch; 'blockwise': chunked LSE
+    c.loss.chunk_size = 1024  # candidate columns per block for impl='blockwise'
+    c.loss.decoupled = False  # decoupled NT-Xent: positive left out of the denominator
+
+    c.monitor_every_steps = 0  # align/uniform/rankme cadence (0: every log step)
+
+    c.moco = ml_collections.ConfigDict()  # used when method == 'moco'
+    c.moco.momentum = 0.999  # EMA rate of the key encoder
+    c.moco.momentum_cosine = False  # raise the momentum to 1 on a cosine schedule
+    c.moco.queue_size = 65536  # negatives kept from earlier global batches
+    c.moco.temperature = 0.2
 
     c.data = ml_collections.ConfigDict()
     c.data.image_size = 224  # side of the images the host yields

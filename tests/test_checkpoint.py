@@ -1,4 +1,4 @@
-"""Checkpoints: kill-and-resume equality, resharding on restore, corruption fallback, config guard."""
+"""Checkpoints: kill-and-resume equality, resharding, corruption fallback, config guard."""
 
 import json
 import os
