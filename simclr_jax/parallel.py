@@ -1,8 +1,20 @@
-"""Device mesh, multi-host start-up, and placement of host batches as global arrays."""
+"""Device mesh, multi-host start-up, and placement of host batches as global arrays.
+
+Multi-host runs use JAX's own multi-controller runtime: every process runs the same program,
+`jax.distributed.initialize` connects them (auto-detected on TPU VMs and SLURM, explicit
+`config.distributed.*` otherwise), and one mesh spans the devices of all processes. Each process
+feeds only its own rows of every global batch (`host_to_global`).
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import socket
+import sys
+import threading
+import time
 from typing import Any
 
 import jax
@@ -13,34 +25,114 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
+# JAX's own initialisation deadline is set this much later than ours, so that our watchdog,
+# which names the coordinator and the settings, fires before JAX aborts with DEADLINE_EXCEEDED.
+_JAX_TIMEOUT_GRACE_S = 10
+
 log = logging.getLogger(__name__)
+
+
+class DistributedInitError(RuntimeError):
+    """Processes of a multi-host run could not connect; the message names the coordinator."""
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """('host', port) of 'host:port' or '[v6::addr]:port'."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise DistributedInitError(
+            f"config.distributed.coordinator_address={address!r} is not HOST:PORT"
+        )
+    return host.strip("[]"), int(port)
+
+
+def wait_for_coordinator(address: str, timeout: float) -> None:
+    """Polls until a TCP connection to `address` succeeds; raises after `timeout` seconds.
+
+    Used before `jax.distributed.initialize` on processes other than the coordinator: JAX itself
+    aborts the whole process (a C++ fatal error, no Python exception) when it cannot connect.
+    """
+    host, port = _host_port(address)
+    deadline = time.monotonic() + timeout
+    last_error: OSError | None = None
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(2.0, max(timeout, 0.1))):
+                return
+        except OSError as e:
+            last_error = e
+        if time.monotonic() >= deadline:
+            raise DistributedInitError(
+                f"cannot reach the JAX coordinator at {address} within "
+                f"config.distributed.initialization_timeout={timeout:g} s ({last_error}). "
+                "Start process 0 first (it hosts the coordinator), check the address and port, "
+                "and that no firewall blocks it."
+            )
+        time.sleep(0.25)
+
+
+def _timed_out(description: str) -> None:
+    """Watchdog: report which start-up did not finish and end the process (exit status 1)."""
+    print(
+        f"error: jax.distributed.initialize did not complete within "
+        f"config.distributed.initialization_timeout ({description}). Every process must be "
+        "started with the same coordinator address and num_processes, and a distinct "
+        "process_id in [0, num_processes).",
+        file=sys.stderr,
+        flush=True,
+    )
+    # The main thread is blocked inside JAX's C++ connect, which no Python exception can
+    # interrupt; exiting here turns JAX's abort (SIGABRT) into a clear, bounded failure.
+    os._exit(1)
 
 
 def maybe_initialize_distributed(config: Any) -> None:
     """Starts JAX's multi-controller runtime when `config.distributed.enabled` (idempotent).
 
     Empty/zero/-1 fields are left to JAX's auto-detection (TPU VMs, SLURM). A coordinator that
-    never answers fails after `initialization_timeout` seconds with a message naming it.
+    cannot be reached fails after `initialization_timeout` seconds with a message naming it
+    (`DistributedInitError`), as does a process group that never completes.
     """
     dc = config.distributed
     if not dc.enabled or jax.distributed.is_initialized():
         return
     # CPU processes need a collectives backend to talk to each other; GPU/TPU ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs: dict[str, Any] = {"initialization_timeout": int(dc.initialization_timeout)}
+    timeout = float(dc.initialization_timeout)
+    if timeout <= 0:
+        raise DistributedInitError(
+            f"config.distributed.initialization_timeout={dc.initialization_timeout!r} must be > 0"
+        )
+    deadline = time.monotonic() + timeout
+    kwargs: dict[str, Any] = {}
     if dc.coordinator_address:
         kwargs["coordinator_address"] = dc.coordinator_address
     if dc.num_processes > 0:
         kwargs["num_processes"] = int(dc.num_processes)
     if dc.process_id >= 0:
         kwargs["process_id"] = int(dc.process_id)
+    if dc.coordinator_address and dc.process_id > 0:
+        # Process 0 hosts the coordinator; the others can check it answers before JAX tries.
+        wait_for_coordinator(dc.coordinator_address, timeout)
+    remaining = max(1, math.ceil(deadline - time.monotonic()))
+    kwargs["initialization_timeout"] = remaining + _JAX_TIMEOUT_GRACE_S
+    description = (
+        f"{remaining} s left; coordinator {dc.coordinator_address or '<auto-detected>'}, "
+        f"num_processes={kwargs.get('num_processes', '<auto>')}, "
+        f"process_id={kwargs.get('process_id', '<auto>')}"
+    )
+    watchdog = threading.Timer(remaining, _timed_out, args=(description,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the settings that failed
-        raise RuntimeError(
+        raise DistributedInitError(
             f"jax.distributed.initialize failed with {kwargs}: {e}. Check that the coordinator "
             "address is reachable from every process and that every process was started."
         ) from e
+    finally:
+        watchdog.cancel()
     log.info(
         "process %d/%d: %d local of %d global devices",
         jax.process_index(),
@@ -48,11 +140,31 @@ def maybe_initialize_distributed(config: Any) -> None:
         jax.local_device_count(),
         jax.device_count(),
     )
+    if jax.process_index() != 0:
+        # Every process runs the same loop; only process 0 reports progress (others warn/fail).
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+
+
+def barrier(name: str) -> None:
+    """Blocks until every process reaches the barrier `name` (a no-op in a one-process run)."""
+    if jax.process_count() > 1:
+        jax.experimental.multihost_utils.sync_global_devices(name)
 
 
 def make_mesh(devices: list[Any] | None = None) -> Mesh:
-    """One-axis mesh ('data') over all devices of all processes (or the given devices)."""
-    devices = jax.devices() if devices is None else devices
+    """One-axis mesh ('data') over all devices of all processes (or the given devices).
+
+    Devices are grouped by process, in process order, so process p holds rows
+    `[p*b, (p+1)*b)` of every global batch: the rows `data.pretrain_iterator` gives it.
+    """
+    if devices is None:
+        # Stable sort: keeps JAX's (topology-aware) order within each process.
+        devices = sorted(jax.devices(), key=lambda d: d.process_index)
+    order = [d.process_index for d in devices]
+    if order != sorted(order):
+        raise ValueError(
+            f"mesh devices must be grouped by process in process order; got processes {order}"
+        )
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
@@ -80,6 +192,18 @@ def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
     """Assembles each host's slice of the batch into one global array sharded on 'data'."""
     sharding = data_sharded(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def full_to_global(tree: Any, mesh: Mesh) -> Any:
+    """The same full arrays on every host -> global arrays sharded on 'data'.
+
+    Each host copies only the rows its own devices hold; nothing crosses hosts (unlike
+    `jax.device_put` onto a multi-process sharding, which first checks all hosts agree).
+    """
+    sharding = data_sharded(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, x, x.shape), tree
+    )
 
 
 def global_to_host(tree: Any) -> Any:
