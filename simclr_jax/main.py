@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from simclr_jax import checkpoint, data, run_modes
+    from simclr_jax import checkpoint, data, parallel, run_modes
 
     try:
         run_modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
@@ -48,6 +48,7 @@ def main(argv: list[str]) -> None:
         FloatingPointError,
         data.DatasetNotAvailableError,
         checkpoint.CheckpointError,
+        parallel.DistributedInitError,
     ) as e:
         # Our errors name the bad value and the fix; SIMCLR_DEBUG=1 shows the traceback too.
         if os.environ.get("SIMCLR_DEBUG") == "1":
