@@ -1,4 +1,5 @@
-"""Contrastive losses over the global batch: SimCLR's NT-Xent and its metrics."""
+"""Contrastive losses: SimCLR's NT-Xent over the global batch (plain or decoupled) and its
+metrics, InfoNCE with explicit negatives (MoCo), and the margin contrastive and triplet losses."""
 
 from __future__ import annotations
 
@@ -36,13 +37,19 @@ def _mean(x: jnp.ndarray, axis_name: AxisName) -> jnp.ndarray:
 
 
 def nt_xent_logits(
-    z1: jnp.ndarray, z2: jnp.ndarray, temperature: float, axis_name: AxisName = None
+    z1: jnp.ndarray,
+    z2: jnp.ndarray,
+    temperature: float,
+    axis_name: AxisName = None,
+    *,
+    decoupled: bool = False,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Local anchors' masked logits against all 2N global views, and each anchor's positive column.
 
     Anchors are this shard's rows of both views (`[2n, D]`); candidates are the gathered global
     views ordered `[z1_global; z2_global]` (`[2N, D]`). Memory is O(2n x 2N), never 2N x 2N on
-    one device. Self-similarity is masked out.
+    one device. Self-similarity is masked out; with `decoupled=True` the positive column is masked
+    too, so the logits are exactly the decoupled loss's denominator (Yeh et al. 2021).
     """
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(f"z1 and z2 must both be [N, D]; got {z1.shape} and {z2.shape}")
@@ -59,20 +66,35 @@ def nt_xent_logits(
     local = jnp.arange(n) + offset
     self_col = jnp.concatenate([local, local + big_n])
     pos_col = jnp.concatenate([local + big_n, local])
-    self_mask = jax.nn.one_hot(self_col, 2 * big_n, dtype=bool)
-    return jnp.where(self_mask, _MASK_VALUE, logits), pos_col
+    mask = jax.nn.one_hot(self_col, 2 * big_n, dtype=bool)
+    if decoupled:
+        mask |= jax.nn.one_hot(pos_col, 2 * big_n, dtype=bool)
+    return jnp.where(mask, _MASK_VALUE, logits), pos_col
 
 
 def nt_xent_with_metrics(
-    z1: jnp.ndarray, z2: jnp.ndarray, temperature: float, axis_name: AxisName = None
+    z1: jnp.ndarray,
+    z2: jnp.ndarray,
+    temperature: float,
+    axis_name: AxisName = None,
+    *,
+    decoupled: bool = False,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """NT-Xent loss plus SimCLR's metrics: contrastive accuracy and softmax entropy.
 
     Returns `(loss, {'contrastive_acc', 'entropy'})`, all means over the 2N global anchors.
+    `decoupled=True` leaves the positive out of the loss's denominator (DCL, Yeh et al. 2021:
+    `log sum_neg exp(s/t) - s_pos/t`, which can be negative); the metrics keep the full softmax.
     """
     logits, pos_col = nt_xent_logits(z1, z2, temperature, axis_name)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    per_anchor = -jnp.take_along_axis(log_probs, pos_col[:, None], axis=-1)[:, 0]
+    if decoupled:
+        pos_logit = jnp.take_along_axis(logits, pos_col[:, None], axis=-1)[:, 0]
+        pos_mask = jax.nn.one_hot(pos_col, logits.shape[-1], dtype=bool)
+        negatives = jnp.where(pos_mask, _MASK_VALUE, logits)
+        per_anchor = jax.nn.logsumexp(negatives, axis=-1) - pos_logit
+    else:
+        per_anchor = -jnp.take_along_axis(log_probs, pos_col[:, None], axis=-1)[:, 0]
     probs = jnp.exp(log_probs)
     entropy = -jnp.sum(probs * log_probs, axis=-1)
     correct = (jnp.argmax(logits, axis=-1) == pos_col).astype(jnp.float32)
@@ -84,12 +106,107 @@ def nt_xent_with_metrics(
 
 
 def nt_xent(
-    z1: jnp.ndarray, z2: jnp.ndarray, temperature: float, axis_name: AxisName = None
+    z1: jnp.ndarray,
+    z2: jnp.ndarray,
+    temperature: float,
+    axis_name: AxisName = None,
+    *,
+    decoupled: bool = False,
 ) -> jnp.ndarray:
     """SimCLR NT-Xent: mean over the 2N anchors of -log softmax of the positive among 2N-1 views.
 
     `z1[i]` and `z2[i]` are a positive pair. Inside `shard_map` with `axis_name`, negatives come
     from the global batch (all devices and hosts) and the value equals the unsharded call on the
-    gathered arrays.
+    gathered arrays. `decoupled=True`: the positive leaves the denominator (see
+    `nt_xent_with_metrics`).
     """
-    return nt_xent_with_metrics(z1, z2, temperature, axis_name)[0]
+    return nt_xent_with_metrics(z1, z2, temperature, axis_name, decoupled=decoupled)[0]
+
+
+def info_nce(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    queue: jnp.ndarray,
+    temperature: float,
+    axis_name: AxisName = None,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """InfoNCE with explicit negatives (MoCo): each query against its key and all K queue rows.
+
+    Logits are `[q_i . k_i, q_i . queue^T] / temperature` with the positive in column 0, on
+    L2-normalised `q [N, D]`, `k [N, D]`, `queue [K, D]`. Returns `(mean cross-entropy, accuracy)`
+    over the queries. Gradients flow wherever the caller lets them (MoCo stops them on `k` and
+    `queue`). Inside `shard_map` with `axis_name`, `q`/`k` are this shard's rows, `queue` is
+    replicated, and both means are over the global batch.
+    """
+    if q.ndim != 2 or q.shape != k.shape:
+        raise ValueError(f"q and k must both be [N, D]; got {q.shape} and {k.shape}")
+    if queue.ndim != 2 or queue.shape[1] != q.shape[1]:
+        raise ValueError(f"queue must be [K, {q.shape[1]}]; got {queue.shape}")
+    if isinstance(temperature, int | float) and temperature <= 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0")
+    q, k, queue = l2_normalize(q), l2_normalize(k), l2_normalize(queue)
+    pos = jnp.sum(q * k, axis=-1, keepdims=True)
+    neg = jnp.dot(q, queue.T, precision=jax.lax.Precision.HIGHEST)
+    logits = jnp.concatenate([pos, neg], axis=-1) / temperature
+    per_query = jax.nn.logsumexp(logits, axis=-1) - logits[:, 0]
+    correct = (jnp.argmax(logits, axis=-1) == 0).astype(jnp.float32)
+    return _mean(per_query, axis_name), _mean(jax.lax.stop_gradient(correct), axis_name)
+
+
+def _safe_norm(sq: jnp.ndarray) -> jnp.ndarray:
+    """sqrt of squared distances with a zero (not NaN) gradient at distance 0."""
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def _sq_dist(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    d = a.astype(jnp.float32) - b.astype(jnp.float32)
+    return jnp.sum(d * d, axis=-1)
+
+
+def margin_contrastive(
+    z1: jnp.ndarray,
+    z2: jnp.ndarray,
+    same: jnp.ndarray,
+    margin: float,
+    axis_name: AxisName = None,
+) -> jnp.ndarray:
+    """Margin contrastive loss on pairs (Hadsell, Chopra, LeCun 2006), mean over the N pairs.
+
+    `same[i]` (bool or {0, 1}) marks `(z1[i], z2[i])` as similar: loss `d^2 / 2`; dissimilar
+    pairs pay `max(0, margin - d)^2 / 2`, with `d` the Euclidean distance of the embeddings as
+    given (L2-normalise first for a margin on the sphere). With `axis_name`, the global mean.
+    """
+    if z1.shape != z2.shape or z1.ndim != 2 or same.shape != z1.shape[:1]:
+        raise ValueError(
+            f"need z1, z2 [N, D] and same [N]; got {z1.shape}, {z2.shape}, {same.shape}"
+        )
+    sq = _sq_dist(z1, z2)
+    same = same.astype(jnp.float32)
+    per_pair = 0.5 * (same * sq + (1.0 - same) * jnp.square(jax.nn.relu(margin - _safe_norm(sq))))
+    return _mean(per_pair, axis_name)
+
+
+def triplet(
+    anchor: jnp.ndarray,
+    positive: jnp.ndarray,
+    negative: jnp.ndarray,
+    margin: float,
+    axis_name: AxisName = None,
+    *,
+    squared: bool = True,
+) -> jnp.ndarray:
+    """Triplet loss `mean max(0, d(a, p) - d(a, n) + margin)` over N triplets (rows).
+
+    `squared=True` uses squared Euclidean distances (FaceNet, Schroff et al. 2015), False plain
+    Euclidean ones. Embeddings are used as given. With `axis_name`, the global mean.
+    """
+    if not anchor.shape == positive.shape == negative.shape or anchor.ndim != 2:
+        raise ValueError(
+            f"anchor, positive, negative must all be [N, D]; got {anchor.shape}, "
+            f"{positive.shape}, {negative.shape}"
+        )
+    d_pos, d_neg = _sq_dist(anchor, positive), _sq_dist(anchor, negative)
+    if not squared:
+        d_pos, d_neg = _safe_norm(d_pos), _safe_norm(d_neg)
+    return _mean(jax.nn.relu(d_pos - d_neg + margin), axis_name)
