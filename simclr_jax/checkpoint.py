@@ -10,7 +10,11 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from simclr_jax import parallel
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +121,7 @@ def export_encoder(
     The export is written beside the target and swapped in, so a crash leaves the old one.
     """
     path = os.path.abspath(path)
-    tmp = f"{path}.tmp-{int(time.time() * 1e6)}"
+    tmp = f"{path}.tmp-{_same_on_all_processes(int(time.time() * 1e6) % 10**9)}"
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, "variables"), variables)
     ckptr.wait_until_finished()
@@ -136,7 +140,16 @@ def export_encoder(
             shutil.rmtree(old)  # our own previous export, replaced by the new one
         else:
             os.rename(tmp, path)
+    # No process may read the export (or end the run) before process 0 has swapped it in.
+    parallel.barrier("simclr_jax.export_encoder")
     return path
+
+
+def _same_on_all_processes(value: int) -> int:
+    """Process 0's `value` on every process (all must name the same temporary folder)."""
+    if jax.process_count() == 1:
+        return value
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def load_export(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
