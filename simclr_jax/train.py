@@ -46,9 +46,10 @@ def _state_initializer(
     config: ml_collections.ConfigDict, model: models.SimCLRModel, tx: optax.GradientTransformation
 ) -> Callable[[], TrainState]:
     """The pure function that builds the initial state from `config.seed`."""
-    root = jax.random.key(config.seed)
 
     def init() -> TrainState:
+        # Created inside the traced function: no host-to-device transfer of the seed.
+        root = jax.random.key(config.seed)
         variables = init_variables(model, jax.random.fold_in(root, 0), config.augment.image_size)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
@@ -90,12 +91,15 @@ def step_key(state: TrainState) -> jax.Array:
 
 
 def _sharded_nt_xent(
-    mesh: Mesh, temperature: float
+    mesh: Mesh, temperature: float, decoupled: bool = False
 ) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
     """NT-Xent over the global batch: each device's rows against the gathered batch."""
     return jax.shard_map(
         functools.partial(
-            losses.nt_xent_with_metrics, temperature=temperature, axis_name=parallel.DATA_AXIS
+            losses.nt_xent_with_metrics,
+            temperature=temperature,
+            axis_name=parallel.DATA_AXIS,
+            decoupled=decoupled,
         ),
         mesh=mesh,
         in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
@@ -132,7 +136,7 @@ def train_step(
     x = make_views(key, batch["image"], config)
     labels = batch["label"]
     batch_size = labels.shape[0]
-    nt_xent = _sharded_nt_xent(mesh, config.temperature)
+    nt_xent = _sharded_nt_xent(mesh, config.temperature, decoupled=config.loss.decoupled)
 
     def loss_fn(params):
         out, new_vars = model.apply(
