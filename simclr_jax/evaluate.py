@@ -39,7 +39,8 @@ def extract_features(
         pad = batch_size - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        x = jax.device_put(chunk, parallel.data_sharded(mesh))
+        # Every host holds the same arrays and transfers only its own devices' rows.
+        x = parallel.full_to_global(chunk, mesh)
         out.append(np.asarray(fn(variables, x))[: batch_size - pad])
     return np.concatenate(out).astype(np.float32)
 
