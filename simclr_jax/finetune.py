@@ -203,9 +203,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         epoch, i = divmod(step, steps_per_epoch)
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train_y))
         idx = order[i * batch_size : (i + 1) * batch_size]
-        batch = jax.device_put(
-            {"image": train_x[idx], "label": train_y[idx]}, parallel.data_sharded(mesh)
-        )
+        # Same arrays on every host; each transfers only its devices' rows (multi-host safe).
+        batch = parallel.full_to_global({"image": train_x[idx], "label": train_y[idx]}, mesh)
         state, metrics = step_fn(state, batch, fold(key_root, step))
         if (step + 1) % config.log_every_steps == 0 or step + 1 == total:
             log.info("step %d/%d: loss %.4f", step + 1, total, float(metrics["loss"]))
