@@ -2,17 +2,23 @@
 
     python benchmarks/train_step.py --config=configs/digits.py --batch_size=256 --steps=10
     python benchmarks/train_step.py --preset=resnet50_224 --batch_size=256 --dtype=bfloat16
+    python benchmarks/train_step.py --config=configs/digits.py --cpu_flags=both --with_input
 
 Runs the real `train.compile_train_step` (augmentation on device included unless
 --no_augment) on random uint8 images placed on the devices, excludes compile time, and prints
-one table row per run. Needs no TensorFlow and no dataset.
+one table row per run. Needs no TensorFlow and no dataset, except with --with_input, which also
+runs the real input pipeline of the config's dataset in a loop and reports the share of
+wall-clock the loop spent waiting for data. --cpu_flags=both runs the step with and without
+simclr_jax's XLA:CPU flags (in two subprocesses: XLA reads its flags once per process).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -117,6 +123,9 @@ def run(args) -> dict:
         state, m = compiled(state, batch)
     jax.block_until_ready((state, m))
     dt = (time.perf_counter() - t0) / args.steps
+    wait_share = float("nan")
+    if args.with_input:
+        wait_share = input_wait_share(config, compiled, state, mesh, args.steps)
     n_dev = jax.device_count()
     dev = jax.devices()[0]
     peak = peak_flops(dev, config.model.dtype)
@@ -137,9 +146,31 @@ def run(args) -> dict:
         else (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
         / 2**30,
         "compile_s": compile_s,
+        "data_wait": wait_share,
+        "xla_cpu_flags": "on" if "ynn" in os.environ.get("XLA_FLAGS", "") else "off",
     }
     del jnp
     return row
+
+
+def input_wait_share(config, step_fn, state, mesh, steps: int) -> float:
+    """Share of a real loop's wall-clock spent getting the next batch from the host pipeline."""
+    import jax
+
+    from simclr_jax import data, parallel
+
+    it = data.pretrain_iterator(config)
+    nxt = parallel.host_to_global(next(it), mesh)
+    waited = 0.0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = step_fn(state, nxt)
+        # As in train._batches: the next batch is fetched and placed while the step runs.
+        tw = time.perf_counter()
+        nxt = parallel.host_to_global(next(it), mesh)
+        waited += time.perf_counter() - tw
+    jax.block_until_ready((state, m))
+    return waited / (time.perf_counter() - t0)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -166,15 +197,33 @@ def main() -> None:
     p.add_argument(
         "--cpu_flags",
         default="on",
-        choices=["on", "off"],
+        choices=["on", "off", "both"],
         help="XLA:CPU flags of simclr_jax.platform_flags (CPU only)",
     )
+    p.add_argument("--with_input", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the row as JSON")
     args = p.parse_args()
+    if args.cpu_flags == "both":
+        rows = []
+        for setting in ("off", "on"):
+            argv = [a for a in sys.argv[1:] if not a.startswith("--cpu_flags")]
+            out = subprocess.run(
+                [sys.executable, __file__, *argv, f"--cpu_flags={setting}", "--json"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+        print_table(rows)
+        return
     if args.cpu_flags == "on":
         from simclr_jax import platform_flags
 
         platform_flags.set_cpu_flags()
-    print_table([run(args)])
+    row = run(args)
+    print(json.dumps(row) if args.json else "", end="\n" if args.json else "")
+    if not args.json:
+        print_table([row])
 
 
 if __name__ == "__main__":
