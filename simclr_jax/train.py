@@ -202,6 +202,11 @@ class _Preemption:
         self._previous = None
 
     def __enter__(self) -> _Preemption:
+        if jax.process_count() > 1:
+            # Multi-host: JAX's preemption service catches SIGTERM on any host and orbax's
+            # reached_preemption() stops every process at the same step. A local flag would make
+            # one process save (a collective) alone and deadlock the others.
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. some test runners): no handler
