@@ -56,5 +56,17 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"error: {e}") from None
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a one-line error for an unknown or mistyped config key."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        raise SystemExit(f"error: {e}\nPass --helpshort for the flags.") from None
+    except (AttributeError, KeyError, TypeError) as e:
+        # ml_collections raises these for `--config.no_such_key=...` or a wrong value type.
+        msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+        raise SystemExit(f"error: bad --config override: {msg}") from None
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
