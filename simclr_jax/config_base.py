@@ -122,6 +122,21 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.total_steps >= 0, "total_steps", c.total_steps, ">= 0 (0: use num_epochs)")
     _check(c.num_epochs > 0 or c.total_steps > 0, "num_epochs", c.num_epochs, "> 0")
     _check(c.temperature > 0, "temperature", c.temperature, "> 0")
+    _check(c.monitor_every_steps >= 0, "monitor_every_steps", c.monitor_every_steps, ">= 0")
+    if c.method == "moco":
+        mc = c.moco
+        _check(
+            isinstance(mc.queue_size, int)
+            and mc.queue_size > 0
+            and mc.queue_size % c.batch_size == 0,
+            "moco.queue_size",
+            mc.queue_size,
+            f"a positive multiple of batch_size={c.batch_size} (one global batch of keys is "
+            f"enqueued per step), e.g. {max(1, mc.queue_size // c.batch_size) * c.batch_size}",
+        )
+        _check(0 <= mc.momentum < 1, "moco.momentum", mc.momentum, "in [0, 1)")
+        _check(mc.temperature > 0, "moco.temperature", mc.temperature, "> 0")
+        _check(not c.loss.decoupled, "loss.decoupled", c.loss.decoupled, "False for method='moco'")
     _check(c.keep_period >= 0, "keep_period", c.keep_period, ">= 0")
     _check(c.data.image_size > 0, "data.image_size", c.data.image_size, "> 0")
     _check(c.data.prefetch >= 0, "data.prefetch", c.data.prefetch, ">= 0")
@@ -160,6 +175,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
 # Keys that change only cadence, resources or reporting: a resumed run may change them freely.
 RESUME_SAFE_KEYS = (
     "log_every_steps",
+    "monitor_every_steps",
     "checkpoint_every_steps",
     "keep_checkpoints",
     "keep_period",
