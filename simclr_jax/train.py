@@ -91,12 +91,30 @@ def step_key(state: TrainState) -> jax.Array:
 
 
 def _sharded_nt_xent(
-    mesh: Mesh, temperature: float, decoupled: bool = False
+    mesh: Mesh,
+    temperature: float,
+    decoupled: bool = False,
+    impl: str = "dense",
+    chunk_size: int = 1024,
 ) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
-    """NT-Xent over the global batch: each device's rows against the gathered batch."""
+    """NT-Xent over the global batch: each device's rows against the gathered batch.
+
+    `impl='blockwise'` visits the gathered batch `chunk_size` columns at a time, so a device
+    never holds its full [local, global] logits (huge global batches); same values.
+    """
+    if impl == "blockwise":
+        from simclr_jax import losses_blockwise
+
+        loss_fn = functools.partial(
+            losses_blockwise.nt_xent_blockwise_with_metrics, chunk_size=chunk_size
+        )
+    elif impl == "dense":
+        loss_fn = losses.nt_xent_with_metrics
+    else:
+        raise ValueError(f"config.loss.impl={impl!r} is not one of ['dense', 'blockwise']")
     return jax.shard_map(
         functools.partial(
-            losses.nt_xent_with_metrics,
+            loss_fn,
             temperature=temperature,
             axis_name=parallel.DATA_AXIS,
             decoupled=decoupled,
@@ -136,7 +154,13 @@ def train_step(
     x = make_views(key, batch["image"], config)
     labels = batch["label"]
     batch_size = labels.shape[0]
-    nt_xent = _sharded_nt_xent(mesh, config.temperature, decoupled=config.loss.decoupled)
+    nt_xent = _sharded_nt_xent(
+        mesh,
+        config.temperature,
+        decoupled=config.loss.decoupled,
+        impl=config.loss.impl,
+        chunk_size=config.loss.chunk_size,
+    )
 
     def loss_fn(params):
         out, new_vars = model.apply(
