@@ -138,6 +138,14 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         _check(mc.temperature > 0, "moco.temperature", mc.temperature, "> 0")
         _check(not c.loss.decoupled, "loss.decoupled", c.loss.decoupled, "False for method='moco'")
     _check(c.keep_period >= 0, "keep_period", c.keep_period, ">= 0")
+    _check(c.loss.impl in ("dense", "blockwise"), "loss.impl", c.loss.impl, "dense/blockwise")
+    _check(c.loss.chunk_size > 0, "loss.chunk_size", c.loss.chunk_size, "> 0")
+    _check(
+        c.distributed.initialization_timeout > 0,
+        "distributed.initialization_timeout",
+        c.distributed.initialization_timeout,
+        "> 0 seconds",
+    )
     _check(c.data.image_size > 0, "data.image_size", c.data.image_size, "> 0")
     _check(c.data.prefetch >= 0, "data.prefetch", c.data.prefetch, ">= 0")
     _check(c.augment.image_size > 0, "augment.image_size", c.augment.image_size, "> 0")
