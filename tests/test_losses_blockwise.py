@@ -127,3 +127,17 @@ def test_memory_is_local_rows_times_chunk():
     block = _temp_bytes(functools.partial(nt_xent_blockwise_with_metrics, chunk_size=chunk), n, d)
     assert dense >= (2 * n) ** 2 * 4, dense
     assert block <= 8 * (2 * n * chunk * 4) + 16 * (2 * n * d * 4), (block, dense)
+
+
+def test_train_step_selects_blockwise_by_config():
+    from simclr_jax import train
+
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    z1, z2 = _pair(4)
+    dense = jax.jit(train._sharded_nt_xent(mesh, T))(z1, z2)
+    block = jax.jit(train._sharded_nt_xent(mesh, T, impl="blockwise", chunk_size=5))(z1, z2)
+    np.testing.assert_allclose(block[0], dense[0], **TOL)
+    for key in dense[1]:
+        np.testing.assert_allclose(block[1][key], dense[1][key], err_msg=key, **TOL)
+    with pytest.raises(ValueError, match="loss.impl='ring'"):
+        train._sharded_nt_xent(mesh, T, impl="ring")
