@@ -6,29 +6,18 @@ import re
 
 import numpy as np
 import pytest
+import tiny
 from matplotlib import image as mpimg
 
-from configs import digits
 from simclr_jax import report, train
 
 
 def tiny_config(**overrides):
-    """A ResNet-18 at base width 4 on 8 px digits (the tests/test_train.py pattern), 8 steps."""
-    c = digits.get_config()
-    c.batch_size = 32
-    c.total_steps = 8
-    c.log_every_steps = 2
-    c.checkpoint_every_steps = 8
-    c.data.image_size = c.augment.image_size = 8
-    c.data.prefetch = 0
-    c.model.base_width = 4
-    c.model.head_hidden_dim, c.model.head_out_dim = 16, 16
-    c.optim.warmup_epochs = 1
+    """The shared tiny digits run, 8 steps, logging every 2."""
+    c = tiny.tiny_config(total_steps=8, log_every_steps=2, checkpoint_every_steps=8, **overrides)
     # The end-of-run evaluation (evaluate.py's job, tested there) would double this file's time;
     # test_eval_table checks the table from an eval.json of the digits run.
     c.eval.at_end = False
-    for k, v in overrides.items():
-        c[k] = v
     return c
 
 
