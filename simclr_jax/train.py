@@ -20,7 +20,17 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import augment, checkpoint, config_base, data, losses, models, optim, parallel
+from simclr_jax import (
+    augment,
+    checkpoint,
+    config_base,
+    data,
+    losses,
+    models,
+    monitors,
+    optim,
+    parallel,
+)
 from simclr_jax.metric_writer import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -34,6 +44,8 @@ class TrainState(flax.struct.PyTreeNode):
     batch_stats: Any
     opt_state: Any
     rng: jax.Array  # root PRNG key (raw uint32 data); step keys are fold_in(rng, step)
+    # Per-method extra state (a dict), None for SimCLR. MoCo: key encoder + queue (moco.py).
+    method_state: Any = None
 
 
 def init_variables(model: models.SimCLRModel, key: jax.Array, image_size: int) -> dict[str, Any]:
@@ -46,17 +58,27 @@ def _state_initializer(
     config: ml_collections.ConfigDict, model: models.SimCLRModel, tx: optax.GradientTransformation
 ) -> Callable[[], TrainState]:
     """The pure function that builds the initial state from `config.seed`."""
+    if config.method == "moco":
+        from simclr_jax import moco
+
+        num_keys = moco.queue_size(config)
 
     def init() -> TrainState:
         # Created inside the traced function: no host-to-device transfer of the seed.
         root = jax.random.key(config.seed)
         variables = init_variables(model, jax.random.fold_in(root, 0), config.augment.image_size)
+        method_state = None
+        if config.method == "moco":
+            method_state = moco.init_moco_state(
+                config, variables, jax.random.fold_in(root, 2), num_keys
+            )
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=variables["params"],
             batch_stats=variables["batch_stats"],
             opt_state=tx.init(variables["params"]),
             rng=jax.random.key_data(jax.random.fold_in(root, 1)),
+            method_state=method_state,
         )
 
     return init
@@ -136,6 +158,22 @@ def make_views(key: jax.Array, images: jax.Array, config: ml_collections.ConfigD
     return v.reshape((-1,) + v.shape[2:])
 
 
+def online_linear_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Online linear head's loss and accuracy: `logits [B, V, C]` for V views, `labels [B]`.
+
+    The head sees stop-gradient features; unlabelled examples (label -1) are skipped.
+    """
+    labelled = labels >= 0
+    safe = jnp.where(labelled, labels, 0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe[:, None])
+    weight = labelled[:, None].astype(jnp.float32) * jnp.ones((1, logits.shape[1]))
+    denom = jnp.maximum(jnp.sum(weight), 1.0)
+    return {
+        "linear_loss": jnp.sum(ce * weight) / denom,
+        "linear_acc": jnp.sum((jnp.argmax(logits, -1) == safe[:, None]) * weight) / denom,
+    }
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -145,10 +183,12 @@ def train_step(
     schedule: optax.Schedule,
     config: ml_collections.ConfigDict,
     mesh: Mesh,
+    total_steps: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SimCLR update: augment on device, encode 2B views with global BN, NT-Xent, LARS.
 
     Pure in `(state, batch)`; the step's key is derived from the state (see `step_key`).
+    `total_steps` (default `config.total_steps`) makes the last step a monitor step too.
     """
     key = step_key(state)
     x = make_views(key, batch["image"], config)
@@ -171,26 +211,23 @@ def train_step(
         )
         z = out["projection"].reshape(batch_size, 2, -1)
         loss, metrics = nt_xent(z[:, 0], z[:, 1])
-        # Online linear evaluation on stop-gradient features; unlabelled examples (-1) skipped.
-        logits = out["logits"].reshape(batch_size, 2, -1)
-        labelled = labels >= 0
-        safe = jnp.where(labelled, labels, 0)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe[:, None])
-        weight = labelled[:, None].astype(jnp.float32) * jnp.ones((1, 2))
-        denom = jnp.maximum(jnp.sum(weight), 1.0)
-        linear_loss = jnp.sum(ce * weight) / denom
-        linear_acc = jnp.sum((jnp.argmax(logits, -1) == safe[:, None]) * weight) / denom
-        metrics = {**metrics, "linear_loss": linear_loss, "linear_acc": linear_acc}
-        return loss + linear_loss, (loss, metrics, new_vars["batch_stats"])
+        linear = online_linear_metrics(out["logits"].reshape(batch_size, 2, -1), labels)
+        metrics = {**metrics, **linear}
+        embeddings = (z[:, 0], z[:, 1], out["features"])
+        aux = (loss, metrics, new_vars["batch_stats"], embeddings)
+        return loss + linear["linear_loss"], aux
 
-    grads, (loss, metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, (loss, metrics, batch_stats, embeddings) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
+    total = total_steps or config.total_steps
+    due = monitors.is_due(new_state.step, monitors.cadence(config), total)
     metrics = {
         **metrics,
+        **monitors.maybe_representation_metrics(due, *embeddings),
         "loss": loss,
         "lr": schedule(state.step),
         "grad_norm": optax.tree.norm(grads),
@@ -205,10 +242,27 @@ def compile_train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     mesh: Mesh,
+    total_steps: int = 0,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """`train_step` jitted once over the mesh: state replicated and donated, batch on 'data'."""
+    """The method's step jitted once over the mesh: state replicated and donated, batch on 'data'.
+
+    `config.method` picks `train_step` (SimCLR) or `moco.moco_train_step`; `total_steps` (the
+    run length, default `config.total_steps`) drives the last monitor step and MoCo's cosine
+    momentum.
+    """
+    step_impl = train_step
+    if config.method == "moco":
+        from simclr_jax import moco
+
+        step_impl = moco.moco_train_step
     step = functools.partial(
-        train_step, model=model, tx=tx, schedule=schedule, config=config, mesh=mesh
+        step_impl,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        config=config,
+        mesh=mesh,
+        total_steps=total_steps,
     )
     return jax.jit(
         step,
@@ -332,7 +386,8 @@ def train_and_evaluate(
         log.info("resumed from step %d (data position %d)", start_step, meta["data_step"])
     write_config(config, workdir)
 
-    step_fn = compile_train_step(config, model, tx, schedule, mesh)
+    step_fn = compile_train_step(config, model, tx, schedule, mesh, total_steps=total_steps)
+    monitor_every, last_monitors = monitors.cadence(config), None
     host_iter = data.pretrain_iterator(config, start_step=start_step)
     batches = _batches(host_iter, mesh)
     writer = MetricWriter(workdir)
@@ -360,8 +415,15 @@ def train_and_evaluate(
                 state, metrics = step_fn(state, next(batches))
                 step += 1
                 bar.update(1)
-                if itstime(step, config.log_every_steps, total_steps):
+                # The step computed the monitors exactly on these steps (zeros otherwise).
+                monitor_now = itstime(step, monitor_every, total_steps)
+                if monitor_now or itstime(step, config.log_every_steps, total_steps):
                     m = _host_metrics(metrics)
+                    if monitor_now:
+                        last_monitors = (step, {k: m[k] for k in monitors.NAMES})
+                    else:
+                        for name in monitors.NAMES:
+                            del m[name]
                     if not np.isfinite(m["loss"]):
                         raise FloatingPointError(
                             f"loss is {m['loss']} at step {step} (first non-finite value in steps "
@@ -395,6 +457,8 @@ def train_and_evaluate(
         writer.close()
         manager.close()
 
+    if is_main and last_monitors is not None:
+        print(monitors.format_monitors(*last_monitors), flush=True)
     export_run(config, state, workdir)
     results = None
     if config.eval.at_end:

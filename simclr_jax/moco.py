@@ -1,0 +1,240 @@
+"""MoCo v2 (Chen, Fan, Girshick, He 2020) on the SimCLR pipeline: `config.method = 'moco'`.
+
+The query encoder + projection head is the usual `SimCLRModel` (`state.params`, the network that
+is evaluated and exported). A momentum (EMA) copy of it encodes the keys, and a FIFO queue of the
+last K L2-normalised keys supplies the negatives. All three live in `TrainState.method_state`:
+
+    {'key_params', 'key_batch_stats', 'queue' [K, D] fp32, 'queue_ptr' int32 scalar}
+
+so they are replicated, donated, checkpointed and restored with the rest of the state.
+
+BatchNorm: the step runs on global arrays, so both encoders normalise with statistics of the
+whole global batch (all devices and hosts). No per-device sub-batch shares statistics with its
+positives, which is the leak MoCo's shuffled BN exists to break; see docs/methods.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from simclr_jax import data, losses, models, monitors, parallel, train
+
+log = logging.getLogger(__name__)
+
+
+def queue_size(config: ml_collections.ConfigDict, num_train_examples: int | None = None) -> int:
+    """The queue length K: `config.moco.queue_size`, capped to the pretraining split's size.
+
+    A queue longer than the dataset holds several keys of the same image, so an example's own
+    earlier key becomes a negative; the cap (largest multiple of the batch that fits the split)
+    keeps `--config.method=moco` usable on small datasets with the ImageNet default of 65536.
+    """
+    k, b = int(config.moco.queue_size), int(config.batch_size)
+    if k <= 0 or k % b:
+        raise ValueError(
+            f"config.moco.queue_size={k} must be a positive multiple of the global batch size "
+            f"batch_size={b} (each step enqueues one global batch of keys); "
+            f"try {max(b, k // b * b)}"
+        )
+    if num_train_examples is None:
+        num_train_examples = data.dataset_info(config).num_train_examples
+    cap = max(b, num_train_examples // b * b)
+    if k > cap:
+        log.warning(
+            "moco.queue_size=%d exceeds the %d pretraining examples; using a queue of %d keys",
+            k,
+            num_train_examples,
+            cap,
+        )
+        return cap
+    return k
+
+
+def init_moco_state(
+    config: ml_collections.ConfigDict,
+    variables: dict[str, Any],
+    key: jax.Array,
+    num_keys: int | None = None,
+) -> dict[str, Any]:
+    """The key encoder as a copy of the query encoder, and a queue of random unit vectors.
+
+    `num_keys` defaults to `queue_size(config)`. Random keys (as in MoCo) are harmless negatives
+    that the first K / batch_size steps overwrite.
+    """
+    num_keys = queue_size(config) if num_keys is None else num_keys
+    queue = jax.random.normal(key, (num_keys, config.model.head_out_dim), jnp.float32)
+    return {
+        "key_params": variables["params"],
+        "key_batch_stats": variables["batch_stats"],
+        "queue": losses.l2_normalize(queue),
+        "queue_ptr": jnp.zeros((), jnp.int32),
+    }
+
+
+def momentum_at(config: ml_collections.ConfigDict, step: jax.Array, total_steps: int) -> jax.Array:
+    """Key-encoder EMA rate at `step`: `moco.momentum`, or BYOL's cosine increase to 1."""
+    m0 = float(config.moco.momentum)
+    if not config.moco.momentum_cosine:
+        return jnp.asarray(m0, jnp.float32)
+    if total_steps <= 0:
+        raise ValueError(
+            "moco.momentum_cosine needs the run length: set config.total_steps, or pass "
+            "total_steps to train.compile_train_step"
+        )
+    frac = jnp.minimum(step.astype(jnp.float32) / total_steps, 1.0)
+    return 1.0 - (1.0 - m0) * (jnp.cos(jnp.pi * frac) + 1.0) / 2.0
+
+
+def ema(key_params: Any, params: Any, momentum: jax.Array) -> Any:
+    """`momentum * key + (1 - momentum) * query`, leaf by leaf."""
+    return jax.tree.map(lambda k, q: momentum * k + (1.0 - momentum) * q, key_params, params)
+
+
+def enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Writes `keys [B, D]` at `ptr` (overwriting the oldest B rows); returns (queue, new ptr).
+
+    `keys` is the global batch's; K is a multiple of B, so a write never wraps.
+    """
+    num_keys, b = queue.shape[0], keys.shape[0]
+    if num_keys % b:
+        raise ValueError(f"queue of {num_keys} keys is not a multiple of the batch of {b} keys")
+    queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), (ptr, jnp.int32(0)))
+    return queue, (ptr + b) % num_keys
+
+
+def key_embeddings(
+    model: models.SimCLRModel, key_params: Any, key_batch_stats: Any, x: jax.Array
+) -> tuple[jax.Array, Any]:
+    """L2-normalised, stop-gradient projections of the key encoder, and its new BN statistics.
+
+    Train-mode BN (global batch statistics), as MoCo runs its key encoder in train mode.
+    """
+    out, new_vars = model.apply(
+        {"params": key_params, "batch_stats": key_batch_stats},
+        x,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    keys = jax.lax.stop_gradient(losses.l2_normalize(out["projection"]))
+    return keys, jax.lax.stop_gradient(new_vars["batch_stats"])
+
+
+def _sharded_info_nce(
+    mesh: Mesh, temperature: float
+) -> Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """InfoNCE with each device's queries x the replicated queue: logits stay [B/n, 1 + K]."""
+    return jax.shard_map(
+        functools.partial(losses.info_nce, temperature=temperature, axis_name=parallel.DATA_AXIS),
+        mesh=mesh,
+        in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS), P()),
+        out_specs=(P(), P()),
+    )
+
+
+def moco_loss(
+    params: Any,
+    state: train.TrainState,
+    x_q: jax.Array,
+    x_k: jax.Array,
+    labels: jax.Array,
+    *,
+    model: models.SimCLRModel,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+) -> tuple[jax.Array, dict[str, Any]]:
+    """MoCo's InfoNCE (+ the online linear head's loss) of query `params`; keys get no gradient.
+
+    Queries encode view `x_q`; keys are the momentum encoder's embeddings of view `x_k`
+    (`state.method_state`), stopped from gradients, and the queue supplies the negatives.
+    Returns `(total loss, aux)` with the InfoNCE loss, metrics, embeddings and new BN statistics.
+    """
+    ms = state.method_state
+    keys, key_batch_stats = key_embeddings(model, ms["key_params"], ms["key_batch_stats"], x_k)
+    out, new_vars = model.apply(
+        {"params": params, "batch_stats": state.batch_stats},
+        x_q,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    info_nce = _sharded_info_nce(mesh, config.moco.temperature)
+    loss, acc = info_nce(out["projection"], keys, jax.lax.stop_gradient(ms["queue"]))
+    linear = train.online_linear_metrics(out["logits"][:, None], labels)
+    aux = {
+        "loss": loss,
+        "metrics": {"contrastive_acc": acc, **linear},
+        "queries": out["projection"],
+        "features": out["features"],
+        "keys": keys,
+        "batch_stats": new_vars["batch_stats"],
+        "key_batch_stats": key_batch_stats,
+    }
+    return loss + linear["linear_loss"], aux
+
+
+def moco_train_step(
+    state: train.TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: models.SimCLRModel,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    total_steps: int = 0,
+) -> tuple[train.TrainState, dict[str, jax.Array]]:
+    """One MoCo v2 update: same contract as `train.train_step` (pure, key from the state).
+
+    Order: InfoNCE of queries against [key, queue] -> optimizer update of the query encoder ->
+    EMA of the key encoder towards the updated query encoder -> enqueue this step's global keys.
+    """
+    total_steps = total_steps or int(config.total_steps)
+    key = train.step_key(state)
+    x = train.make_views(key, batch["image"], config)
+    labels = batch["label"]
+    # make_views interleaves the two views of each image: rows 2i (queries), 2i + 1 (keys).
+    pairs = x.reshape((labels.shape[0], 2) + x.shape[1:])
+    x_q, x_k = pairs[:, 0], pairs[:, 1]
+
+    loss_fn = functools.partial(moco_loss, model=model, config=config, mesh=mesh)
+    grads, aux = jax.grad(loss_fn, has_aux=True)(state.params, state, x_q, x_k, labels)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    ms = state.method_state
+    momentum = momentum_at(config, state.step, total_steps)
+    queue, queue_ptr = enqueue(ms["queue"], ms["queue_ptr"], aux["keys"])
+    method_state = {
+        "key_params": ema(ms["key_params"], params, momentum),
+        "key_batch_stats": aux["key_batch_stats"],
+        "queue": queue,
+        "queue_ptr": queue_ptr,
+    }
+    new_step = state.step + 1
+    new_state = state.replace(
+        step=new_step,
+        params=params,
+        batch_stats=aux["batch_stats"],
+        opt_state=opt_state,
+        method_state=method_state,
+    )
+    due = monitors.is_due(new_step, monitors.cadence(config), total_steps)
+    metrics = {
+        **aux["metrics"],
+        **monitors.maybe_representation_metrics(due, aux["queries"], aux["keys"], aux["features"]),
+        "loss": aux["loss"],
+        "lr": schedule(state.step),
+        "moco_momentum": momentum,
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+    }
+    return new_state, metrics
