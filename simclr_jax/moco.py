@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from simclr_jax import data, losses, models, monitors, parallel, train
 
 log = logging.getLogger(__name__)
+_capped_warned: set[tuple[int, int]] = set()  # warn once per setting, not per state build
 
 
 def queue_size(config: ml_collections.ConfigDict, num_train_examples: int | None = None) -> int:
@@ -50,12 +51,14 @@ def queue_size(config: ml_collections.ConfigDict, num_train_examples: int | None
         num_train_examples = data.dataset_info(config).num_train_examples
     cap = max(b, num_train_examples // b * b)
     if k > cap:
-        log.warning(
-            "moco.queue_size=%d exceeds the %d pretraining examples; using a queue of %d keys",
-            k,
-            num_train_examples,
-            cap,
-        )
+        if (k, cap) not in _capped_warned:
+            _capped_warned.add((k, cap))
+            log.warning(
+                "moco.queue_size=%d exceeds the %d pretraining examples; using a queue of %d keys",
+                k,
+                num_train_examples,
+                cap,
+            )
         return cap
     return k
 

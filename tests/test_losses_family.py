@@ -270,3 +270,16 @@ def test_pair_losses_sharded_equal_unsharded_with_grads():
     for gs, gu in zip(grad_s, grad_u, strict=True):
         assert float(jnp.max(jnp.abs(gu))) > 1e-4
         np.testing.assert_allclose(np.asarray(gs), np.asarray(gu), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_train_sharded_loss_honours_the_decoupled_switch(decoupled):
+    from simclr_jax import parallel, train
+
+    mesh = parallel.make_mesh()
+    z1, z2 = _views(n=32, d=16, seed=21)
+    loss, metrics = jax.jit(train._sharded_nt_xent(mesh, 0.3, decoupled=decoupled))(
+        *_put(mesh, z1, z2)
+    )
+    want = losses.nt_xent_with_metrics(z1, z2, 0.3, decoupled=decoupled)[0]
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
