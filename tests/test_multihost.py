@@ -38,10 +38,11 @@ TINY_FLAGS = [
     "--config.model.head_hidden_dim=16",
     "--config.model.head_out_dim=16",
     "--config.optim.warmup_epochs=1",
-    "--config.eval.at_end=False",
     "--config.log_every_steps=1",
     f"--config.checkpoint_every_steps={STEPS}",
 ]
+# The end-of-run evaluation on a slice of digits, in batches of 96 (the last one padded).
+EVAL_FLAGS = ["--config.data.eval_max_examples=256", "--config.eval.batch_size=96"]
 COMPARED_METRICS = (
     "loss",
     "contrastive_acc",
@@ -131,6 +132,7 @@ def runs(tmp_path_factory):
             "120",
             "--",
             *TINY_FLAGS,
+            *EVAL_FLAGS,
             f"--workdir={multi_dir}",
             "--config.loss.impl=blockwise",
             "--config.loss.chunk_size=24",
@@ -138,7 +140,14 @@ def runs(tmp_path_factory):
         _env(),
     )
     single = _start(
-        [sys.executable, "-m", "simclr_jax.main", *TINY_FLAGS, f"--workdir={single_dir}"],
+        [
+            sys.executable,
+            "-m",
+            "simclr_jax.main",
+            *TINY_FLAGS,
+            *EVAL_FLAGS,
+            f"--workdir={single_dir}",
+        ],
         _env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
     )
     try:
@@ -187,6 +196,18 @@ def test_two_processes_end_with_the_same_state_as_one(runs):
     )
 
 
+def test_two_processes_evaluate_like_one(runs):
+    (multi_dir, _), (single_dir, _) = runs
+    with open(os.path.join(multi_dir, "eval.json")) as f:
+        multi = json.load(f)
+    with open(os.path.join(single_dir, "eval.json")) as f:
+        single = json.load(f)
+    # Features agree to fp32 noise; a probe may at most flip one of the 256 test examples.
+    for kind in ("linear", "knn"):
+        for encoder in ("random_init", "pretrained"):
+            assert abs(multi[kind][encoder] - single[kind][encoder]) <= 1 / 256, (multi, single)
+
+
 def test_only_process_zero_reports(runs):
     (multi_dir, out), _ = runs
     lines = out.splitlines()
@@ -194,6 +215,9 @@ def test_only_process_zero_reports(runs):
     # Process 1 announces itself, then prints no progress bar and no info logs (gloo aside).
     ones = [line for line in lines if line.startswith("[1] ") and "process 1/2:" not in line]
     assert not [line for line in ones if "step/s" in line or line.startswith("[1] I")], ones
+    # The evaluation table and the report line come once, from process 0.
+    assert [line[:4] for line in lines if "random_init" in line] == ["[0] "]
+    assert [line[:4] for line in lines if "run report:" in line] == ["[0] "]
     assert os.path.exists(os.path.join(multi_dir, "config.json"))
     assert sorted(os.listdir(checkpoint.checkpoint_dir(multi_dir))) == [str(STEPS)]
     leftovers = [n for n in os.listdir(multi_dir) if ".tmp-" in n or ".old-" in n]
