@@ -1,0 +1,301 @@
+"""Host input pipeline throughput (images/s) of simclr_jax.data, per path and thread count.
+
+    python benchmarks/input_pipeline.py --num_images=768 --batch_size=128 --threads=1 --threads=2
+
+Rows (timed after a warm-up; writing the files is not timed):
+
+* `image_folder host_crop` -- the real ImageNet-style path: `data.pretrain_iterator` with
+  configs/imagenet.py pointed at an image folder of JPEGs this script writes (about 500x375 px and
+  100 KB, photo-like texture, quality 90), `host_crop=True`, 224 px: read, fused decode + two
+  random resized crops per image, resize, batch, prefetch thread. `config.data.num_threads`
+  bounds tf.data's threads (map calls, private pool, one thread per op).
+* `baseline decode_and_crop` -- plain tf.data on the same files and threads: read,
+  `decode_and_crop_jpeg` of one random crop, `tf.image.resize` to 224, batch.
+* `cifar10 in-memory 32px` / `digits in-memory 16px` -- the numpy path (`data._memory_arrays`
+  patched to 50,000 random 32 px images for CIFAR, which is not downloaded here); one prefetch
+  thread, no tf.data, so the thread count does not apply.
+
+images/s counts source images; a host-crop image is two views. `CPU ms / image` is the process's
+CPU time (all threads) per image and `cores busy` its CPU time per wall second: together they show
+whether the thread bound held and what one core sustains, which other load on the machine blurs
+less than images/s. Each figure is the median of `--repeats` timed windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from unittest import mock
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+IMAGE_WIDTH, IMAGE_HEIGHT, JPEG_QUALITY = 500, 375, 90
+NUM_CLASSES = 8
+
+
+# ---------------------------------------------------------------- synthetic photos
+
+
+def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
+    """Gaussian noise on a grid `cells` wide, bicubically upsampled to float [height, width]."""
+    from PIL import Image
+
+    grid = rng.normal(0, 1, (max(2, round(cells * height / width)), cells)).astype(np.float32)
+    return np.asarray(Image.fromarray(grid).resize((width, height), Image.BICUBIC))
+
+
+def photo_jpeg(
+    rng: np.random.Generator,
+    width: int = IMAGE_WIDTH,
+    height: int = IMAGE_HEIGHT,
+    quality: int = JPEG_QUALITY,
+) -> bytes:
+    """A JPEG with photo-like statistics: gradients, multi-scale texture, colour, sharp edges."""
+    from PIL import Image, ImageDraw
+
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    slope = rng.normal(0, 50, 2)
+    luma = slope[0] * (xx / width - 0.5) + slope[1] * (yy / height - 0.5)
+    for cells, amplitude in ((3, 40), (10, 28), (35, 16)):
+        luma += amplitude * _smooth_noise(rng, height, width, cells)
+    # Fine texture only where a smooth mask allows (foliage next to sky): JPEG spends its bytes
+    # there, so file size and decode time vary across an image as they do in photos.
+    mask = 2.6 * np.clip(1 + 1.2 * _smooth_noise(rng, height, width, 4), 0.1, 3)
+    fine = 10 * _smooth_noise(rng, height, width, 120) + 10 * _smooth_noise(rng, height, width, 250)
+    luma += mask * (fine + rng.normal(0, 8, (height, width)))
+    colour = np.stack([25 * _smooth_noise(rng, height, width, 6) for _ in range(3)], -1)
+    pixels = (
+        rng.uniform(60, 190, 3)
+        + luma[..., None] * rng.uniform(0.7, 1.1, 3)
+        + colour
+        + rng.normal(0, 2, (height, width, 3))
+    )
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(3, 9)):  # object outlines: edges at every orientation
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        box = [x0, y0, x0 + int(rng.integers(20, 250)), y0 + int(rng.integers(20, 250))]
+        colour_of = tuple(int(v) for v in rng.integers(0, 256, 3))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape(box, outline=colour_of, width=int(rng.integers(1, 5)))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_image_folder(root: str, num_images: int, seed: int = 0) -> float:
+    """Writes ROOT/train/<class>/*.jpg (num_images) + one val image per class; returns mean KB.
+
+    A folder already written with the same count and seed is reused.
+    """
+    marker = os.path.join(root, "written.json")
+    spec = {"num_images": num_images, "seed": seed, "size": [IMAGE_WIDTH, IMAGE_HEIGHT]}
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            done = json.load(f)
+        if done["spec"] == spec:
+            return done["mean_kb"]
+    rng = np.random.default_rng(seed)
+    sizes = []
+    for i in range(num_images + NUM_CLASSES):
+        split, index = ("train", i) if i < num_images else ("val", i - num_images)
+        folder = os.path.join(root, split, f"c{index % NUM_CLASSES}")
+        os.makedirs(folder, exist_ok=True)
+        jpeg = photo_jpeg(rng)
+        with open(os.path.join(folder, f"{index:06d}.jpg"), "wb") as f:
+            f.write(jpeg)
+        if split == "train":
+            sizes.append(len(jpeg))
+    mean_kb = float(np.mean(sizes)) / 1000
+    with open(marker, "w") as f:
+        json.dump({"spec": spec, "mean_kb": mean_kb}, f)
+    return mean_kb
+
+
+# ---------------------------------------------------------------- timing
+
+
+def time_batches(
+    batches: Iterator[Any], batch_size: int, warmup: int, steps: int, repeats: int
+) -> dict[str, float]:
+    """Median images/s, CPU ms per image and busy cores over `repeats` windows of `steps`."""
+    for _ in range(warmup):  # start-up, shuffle buffer, thread pools
+        next(batches)
+    rates, cpu_ms, busy = [], [], []
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            next(batches)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        rates.append(steps * batch_size / wall)
+        cpu_ms.append(1e3 * cpu / (steps * batch_size))
+        busy.append(cpu / wall)
+    if hasattr(batches, "close"):
+        batches.close()
+    return {
+        "images_per_s": statistics.median(rates),
+        "spread": f"{min(rates):,.0f}-{max(rates):,.0f}",
+        "cpu_ms": statistics.median(cpu_ms),
+        "busy": statistics.median(busy),
+    }
+
+
+def project_batches(folder: str, threads: int, batch_size: int) -> Iterator[Any]:
+    """The real ImageNet-config iterator over the image folder with host crops."""
+    from configs import imagenet
+    from simclr_jax import data
+
+    config = imagenet.get_config()
+    config.dataset = "image_folder"
+    config.data.folder = folder
+    config.batch_size = batch_size
+    config.data.num_threads = threads
+    assert config.data.host_crop and config.data.image_size == 224
+    return data.pretrain_iterator(config, process_index=0, process_count=1)
+
+
+def baseline_batches(folder: str, threads: int, batch_size: int, size: int = 224) -> Iterator[Any]:
+    """Plain tf.data: read, decode_and_crop_jpeg of one random crop, resize, batch."""
+    from simclr_jax import data
+
+    tf = data._tf()
+    files = tf.io.gfile.glob(os.path.join(folder, "train", "*", "*.jpg"))
+
+    def prepare(position: Any, path: Any) -> Any:
+        jpeg = tf.io.read_file(path)
+        begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.image.extract_jpeg_shape(jpeg),
+            tf.zeros([1, 0, 4]),
+            seed=tf.stack([tf.constant(0, tf.int64), position]),
+            area_range=(0.08, 1.0),
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            use_image_if_no_bounding_boxes=True,
+        )
+        window = tf.concat([begin[:2], extent[:2]], 0)
+        image = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
+        return tf.cast(tf.image.resize(image, [size, size]), tf.uint8)
+
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
+    ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=0).repeat()
+    ds = ds.enumerate().map(prepare, num_parallel_calls=threads)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(1)
+    return ds.with_options(options).as_numpy_iterator()
+
+
+def memory_batches(config_name: str, batch_size: int) -> Iterator[Any]:
+    """The numpy path of configs/<config_name>.py (CIFAR: 50,000 random 32 px images)."""
+    import importlib
+
+    from simclr_jax import data
+
+    config = importlib.import_module(f"configs.{config_name}").get_config()
+    config.batch_size = batch_size
+    if config.dataset == "digits":
+        return data.pretrain_iterator(config, process_index=0, process_count=1)
+    size = config.data.image_size
+    images = np.random.default_rng(0).integers(0, 256, (50_000, size, size, 3), dtype=np.uint8)
+    labels = np.arange(50_000, dtype=np.int32) % 10
+    with mock.patch.object(data, "_memory_arrays", lambda *_: (images, labels)):
+        return data.pretrain_iterator(config, process_index=0, process_count=1)
+
+
+# ---------------------------------------------------------------- main
+
+
+def _cell(value: Any) -> str:
+    """A table cell: rates as whole numbers with separators, small floats to 3 digits."""
+    if isinstance(value, float):
+        return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+    return str(value)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """Prints rows as a Markdown table."""
+    print("| " + " | ".join(rows[0]) + " |")
+    print("|" + "---|" * len(rows[0]))
+    for row in rows:
+        cells = [_cell(v) for v in row.values()]
+        print("| " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    """Parses flags, writes the JPEGs, times each path and thread count, prints the table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num_images", type=int, default=768)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--threads", type=int, action="append")
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    p.add_argument("--steps", type=int, default=8, help="batches per timed window")
+    p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is shown")
+    p.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "simclr_jax_jpegs"))
+    p.add_argument(
+        "--paths", default="project,baseline,cifar10,digits", help="comma-separated rows to run"
+    )
+    args = p.parse_args()
+    paths = args.paths.split(",")
+    threads = args.threads or [1, 2]
+
+    t0 = time.perf_counter()
+    mean_kb = write_image_folder(args.folder, args.num_images)
+    print(
+        f"{args.num_images} JPEGs {IMAGE_WIDTH}x{IMAGE_HEIGHT} q{JPEG_QUALITY} in {args.folder}: "
+        f"mean {mean_kb:.1f} KB (written or found in {time.perf_counter() - t0:.0f} s, untimed)"
+    )
+    # (path, threads, host views per image, iterator factory)
+    runs: list[tuple[str, str, int, Callable[[], Iterator[Any]]]] = []
+    for n in threads:
+        if "project" in paths:
+            make = functools.partial(project_batches, args.folder, n, args.batch_size)
+            runs.append(("image_folder host_crop", str(n), 2, make))
+    for n in threads:
+        if "baseline" in paths:
+            make = functools.partial(baseline_batches, args.folder, n, args.batch_size)
+            runs.append(("baseline decode_and_crop", str(n), 1, make))
+    for name, label in (("cifar10", "cifar10 in-memory 32px"), ("digits", "digits in-memory 16px")):
+        if name in paths:
+            runs.append((label, "n/a", 0, functools.partial(memory_batches, name, args.batch_size)))
+
+    rows = []
+    for name, n, views, make in runs:
+        load = os.getloadavg()[0]
+        result = time_batches(make(), args.batch_size, args.warmup, args.steps, args.repeats)
+        gc.collect()
+        rate = result["images_per_s"]
+        rows.append(
+            {
+                "path": name,
+                "threads": n,
+                "images/s": rate,
+                "(min-max)": result["spread"],
+                "views/s": rate * views if views else "device",
+                "images/s per thread": rate / int(n) if n != "n/a" else "n/a",
+                "CPU ms / image": result["cpu_ms"],
+                "cores busy": result["busy"],
+                "load (1 min)": f"{load:.2f}",
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    print(
+        f"\nbatch {args.batch_size}, {args.warmup} warm-up batches, median of {args.repeats} "
+        f"windows of {args.steps} batches; {os.cpu_count()} CPUs\n"
+    )
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
