@@ -11,3 +11,11 @@ os.environ["XLA_FLAGS"] = " ".join(
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# PyTorch's triton segfaults when it loads after TensorFlow in one process (both bundle LLVM);
+# loading it first is safe. The torch export tests need it, and earlier tests load TensorFlow.
+try:
+    import torch  # noqa: F401, E402
+    import torchvision.ops  # noqa: F401, E402
+except ImportError:  # the export tests fail with an install hint instead
+    pass
