@@ -384,6 +384,8 @@ def train_and_evaluate(
     else:
         state, meta, start_step = restored
         log.info("resumed from step %d (data position %d)", start_step, meta["data_step"])
+    # Every process has read the saved config.json before process 0 replaces it.
+    parallel.barrier("simclr_config_checked")
     write_config(config, workdir)
 
     step_fn = compile_train_step(config, model, tx, schedule, mesh, total_steps=total_steps)
