@@ -30,10 +30,33 @@ def _gather(x: jnp.ndarray, axis_name: AxisName) -> tuple[jnp.ndarray, jnp.ndarr
     return gathered, jax.lax.axis_index(axis_name) * x.shape[0]
 
 
-def _mean(x: jnp.ndarray, axis_name: AxisName) -> jnp.ndarray:
+def global_mean(x: jnp.ndarray, axis_name: AxisName) -> jnp.ndarray:
     """Mean over local rows, then over shards (all shards hold equally many rows)."""
     x = jnp.mean(x)
     return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
+
+def anchors_and_candidates(
+    z1: jnp.ndarray, z2: jnp.ndarray, temperature: float, axis_name: AxisName = None
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Checks inputs; returns (local anchors [2n, D], global candidates [2N, D], self/pos columns).
+
+    Anchors are this shard's L2-normalised rows `[z1; z2]`; candidates are the gathered global
+    views `[z1_global; z2_global]`; `self_col`/`pos_col` give each anchor's own and positive column.
+    """
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"z1 and z2 must both be [N, D]; got {z1.shape} and {z2.shape}")
+    if isinstance(temperature, int | float) and temperature <= 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0")
+    z1, z2 = l2_normalize(z1), l2_normalize(z2)
+    g1, offset = _gather(z1, axis_name)
+    g2, _ = _gather(z2, axis_name)
+    big_n = g1.shape[0]
+    local = jnp.arange(z1.shape[0]) + offset
+    self_col = jnp.concatenate([local, local + big_n])
+    pos_col = jnp.concatenate([local + big_n, local])
+    anchors = jnp.concatenate([z1, z2], axis=0)
+    return anchors, jnp.concatenate([g1, g2], axis=0), self_col, pos_col
 
 
 def nt_xent_logits(
@@ -51,24 +74,12 @@ def nt_xent_logits(
     one device. Self-similarity is masked out; with `decoupled=True` the positive column is masked
     too, so the logits are exactly the decoupled loss's denominator (Yeh et al. 2021).
     """
-    if z1.shape != z2.shape or z1.ndim != 2:
-        raise ValueError(f"z1 and z2 must both be [N, D]; got {z1.shape} and {z2.shape}")
-    if isinstance(temperature, int | float) and temperature <= 0:
-        raise ValueError(f"temperature={temperature!r} must be > 0")
-    z1, z2 = l2_normalize(z1), l2_normalize(z2)
-    n = z1.shape[0]
-    g1, offset = _gather(z1, axis_name)
-    g2, _ = _gather(z2, axis_name)
-    big_n = g1.shape[0]
-    anchors = jnp.concatenate([z1, z2], axis=0)
-    candidates = jnp.concatenate([g1, g2], axis=0)
+    anchors, candidates, self_col, pos_col = anchors_and_candidates(z1, z2, temperature, axis_name)
     logits = jnp.dot(anchors, candidates.T, precision=jax.lax.Precision.HIGHEST) / temperature
-    local = jnp.arange(n) + offset
-    self_col = jnp.concatenate([local, local + big_n])
-    pos_col = jnp.concatenate([local + big_n, local])
-    mask = jax.nn.one_hot(self_col, 2 * big_n, dtype=bool)
+    num_cols = candidates.shape[0]
+    mask = jax.nn.one_hot(self_col, num_cols, dtype=bool)
     if decoupled:
-        mask |= jax.nn.one_hot(pos_col, 2 * big_n, dtype=bool)
+        mask |= jax.nn.one_hot(pos_col, num_cols, dtype=bool)
     return jnp.where(mask, _MASK_VALUE, logits), pos_col
 
 
@@ -99,10 +110,10 @@ def nt_xent_with_metrics(
     entropy = -jnp.sum(probs * log_probs, axis=-1)
     correct = (jnp.argmax(logits, axis=-1) == pos_col).astype(jnp.float32)
     metrics = {
-        "contrastive_acc": _mean(jax.lax.stop_gradient(correct), axis_name),
-        "entropy": _mean(jax.lax.stop_gradient(entropy), axis_name),
+        "contrastive_acc": global_mean(jax.lax.stop_gradient(correct), axis_name),
+        "entropy": global_mean(jax.lax.stop_gradient(entropy), axis_name),
     }
-    return _mean(per_anchor, axis_name), metrics
+    return global_mean(per_anchor, axis_name), metrics
 
 
 def nt_xent(
@@ -150,7 +161,7 @@ def info_nce(
     logits = jnp.concatenate([pos, neg], axis=-1) / temperature
     per_query = jax.nn.logsumexp(logits, axis=-1) - logits[:, 0]
     correct = (jnp.argmax(logits, axis=-1) == 0).astype(jnp.float32)
-    return _mean(per_query, axis_name), _mean(jax.lax.stop_gradient(correct), axis_name)
+    return global_mean(per_query, axis_name), global_mean(jax.lax.stop_gradient(correct), axis_name)
 
 
 def _safe_norm(sq: jnp.ndarray) -> jnp.ndarray:
@@ -184,7 +195,7 @@ def margin_contrastive(
     sq = _sq_dist(z1, z2)
     same = same.astype(jnp.float32)
     per_pair = 0.5 * (same * sq + (1.0 - same) * jnp.square(jax.nn.relu(margin - _safe_norm(sq))))
-    return _mean(per_pair, axis_name)
+    return global_mean(per_pair, axis_name)
 
 
 def triplet(
@@ -209,4 +220,4 @@ def triplet(
     d_pos, d_neg = _sq_dist(anchor, positive), _sq_dist(anchor, negative)
     if not squared:
         d_pos, d_neg = _safe_norm(d_pos), _safe_norm(d_neg)
-    return _mean(jax.nn.relu(d_pos - d_neg + margin), axis_name)
+    return global_mean(jax.nn.relu(d_pos - d_neg + margin), axis_name)

@@ -15,26 +15,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from simclr_jax.losses import AxisName, l2_normalize
+from simclr_jax.losses import AxisName, anchors_and_candidates, global_mean
 
 # The dense loss masks with this finite value; the same here keeps argmax ties identical.
 _MASK_VALUE = -1e9
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _gather(x: jnp.ndarray, axis_name: AxisName) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """All-gathers rows over `axis_name`; returns (global rows, this shard's row offset)."""
-    if axis_name is None:
-        return x, jnp.zeros((), jnp.int32)
-    # all_gather's transpose is a reduce-scatter: each shard's gradient sums the contributions
-    # of every device's anchors. The custom VJP below sits after the gather, so this still holds.
-    return jax.lax.all_gather(x, axis_name, tiled=True), jax.lax.axis_index(axis_name) * x.shape[0]
-
-
-def _mean(x: jnp.ndarray, axis_name: AxisName) -> jnp.ndarray:
-    """Mean over local rows, then over shards (all shards hold equally many rows)."""
-    x = jnp.mean(x)
-    return x if axis_name is None else jax.lax.pmean(x, axis_name)
 
 
 def _varying(x: jnp.ndarray, axis_name: AxisName) -> jnp.ndarray:
@@ -179,40 +164,30 @@ def nt_xent_blockwise_with_metrics(
     columns are visited `chunk_size` at a time; a last chunk that does not divide 2N is padded
     and masked. Returns `(loss, {'contrastive_acc', 'entropy'})`.
     """
-    if z1.shape != z2.shape or z1.ndim != 2:
-        raise ValueError(f"z1 and z2 must both be [N, D]; got {z1.shape} and {z2.shape}")
-    if isinstance(temperature, int | float) and temperature <= 0:
-        raise ValueError(f"temperature={temperature!r} must be > 0")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size={chunk_size!r} must be > 0")
-    z1, z2 = l2_normalize(z1), l2_normalize(z2)
-    n = z1.shape[0]
-    g1, offset = _gather(z1, axis_name)
-    g2, _ = _gather(z2, axis_name)
-    big_n = g1.shape[0]
-    anchors = jnp.concatenate([z1, z2], axis=0)
-    candidates = jnp.concatenate([g1, g2], axis=0)
-    num_cols = 2 * big_n
+    # The gather's transpose is a reduce-scatter, so each shard's gradient sums every device's
+    # anchors' contributions; the custom VJP below sits after the gather, so this still holds.
+    anchors, candidates, self_col, pos_col = anchors_and_candidates(z1, z2, temperature, axis_name)
+    num_cols = candidates.shape[0]
     chunk = min(chunk_size, num_cols)
     num_chunks = -(-num_cols // chunk)
     pad = num_chunks * chunk - num_cols
     chunks = jnp.pad(candidates, ((0, pad), (0, 0))).reshape(num_chunks, chunk, -1)
-    local = jnp.arange(n) + offset
-    self_col = jnp.concatenate([local, local + big_n])
-    pos_col = jnp.concatenate([local + big_n, local])
     temperature = _varying(jnp.asarray(temperature, jnp.float32), axis_name)
     lse, entropy, argmax = _blockwise_lse(
         anchors, chunks, temperature, self_col, pos_col, num_cols, decoupled
     )
     # Each anchor's positive is the other view of the same local example: no gather needed.
-    positives = jnp.concatenate([z2, z1], axis=0)
+    n = anchors.shape[0] // 2
+    positives = jnp.concatenate([anchors[n:], anchors[:n]], axis=0)
     pos_logit = jnp.sum(anchors * positives, axis=-1) / temperature
     correct = (argmax == pos_col).astype(jnp.float32)
     metrics = {
-        "contrastive_acc": _mean(jax.lax.stop_gradient(correct), axis_name),
-        "entropy": _mean(jax.lax.stop_gradient(entropy), axis_name),
+        "contrastive_acc": global_mean(jax.lax.stop_gradient(correct), axis_name),
+        "entropy": global_mean(jax.lax.stop_gradient(entropy), axis_name),
     }
-    return _mean(lse - pos_logit, axis_name), metrics
+    return global_mean(lse - pos_logit, axis_name), metrics
 
 
 def nt_xent_blockwise(
