@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax import lax
 
 # ITU-R 601 luma, as in tf.image.rgb_to_grayscale and torchvision.
 _LUMA = (0.2989, 0.5870, 0.1140)
@@ -247,6 +246,13 @@ def color_jitter_params(
     return brightness, contrast, saturation, hue, order
 
 
+def _mix(image: jax.Array, coefficients: jax.Array) -> jax.Array:
+    """clip(a x + b luma(x) + c mean(luma(x))) for coefficients (a, b, c): one linear colour op."""
+    luma = _luma(image)
+    a, b, c = coefficients[0], coefficients[1], coefficients[2]
+    return _clip(a * image + b * luma + c * jnp.mean(luma))
+
+
 def apply_color_ops(
     image: jax.Array,
     brightness: jax.Array | float,
@@ -256,18 +262,31 @@ def apply_color_ops(
     order: jax.Array,
 ) -> jax.Array:
     """Applies the four colour ops in `order` (op indices as in `color_jitter_params`)."""
-    branches = [
-        lambda x: adjust_brightness(x, brightness),
-        lambda x: adjust_contrast(x, contrast),
-        lambda x: adjust_saturation(x, saturation),
-        lambda x: adjust_hue(x, hue),
-    ]
-
-    def body(i: int, x: jax.Array) -> jax.Array:
-        # Each branch clips, so every op sees (and leaves) a valid image.
-        return lax.switch(order[i], branches, x)
-
-    return lax.fori_loop(0, 4, body, image)
+    # Brightness, contrast and saturation are each a linear mix (a, b, c) of the pixel, its luma
+    # and the mean luma; only the hue needs an RGB<->HSV round trip. So the ops before the hue
+    # are three mix slots, the hue runs once, then three more slots, unused slots getting the
+    # identity mix. Under vmap (where `order` differs per image) this computes 6 cheap mixes and
+    # one hue; a `lax.switch` per slot would compute all four ops, hue included, in every slot.
+    one, zero = jnp.ones(()), jnp.zeros(())
+    table = jnp.stack(
+        [
+            jnp.stack([jnp.asarray(brightness, jnp.float32), zero, zero]),
+            jnp.stack([jnp.asarray(contrast, jnp.float32), zero, 1.0 - contrast]),
+            jnp.stack([jnp.asarray(saturation, jnp.float32), 1.0 - saturation, zero]),
+            jnp.stack([one, zero, zero]),  # the hue's slot: no mix
+        ]
+    ).astype(image.dtype)
+    order = jnp.asarray(order)
+    hue_slot = jnp.argmax(order == 3)
+    coefficients = table[order]  # [4 slots, 3]
+    identity = table[3]
+    # Slot s runs before the hue if s < hue_slot, after it if s > hue_slot.
+    for s in range(3):
+        image = _mix(image, jnp.where(s < hue_slot, coefficients[s], identity))
+    image = adjust_hue(image, hue)
+    for s in range(1, 4):
+        image = _mix(image, jnp.where(s > hue_slot, coefficients[s], identity))
+    return image
 
 
 def color_jitter(

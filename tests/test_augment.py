@@ -2,6 +2,7 @@
 
 import colorsys
 import functools
+import itertools
 import math
 
 import jax
@@ -328,6 +329,26 @@ def test_color_jitter_applies_sampled_params_in_sampled_order():
         h,
     )
     np.testing.assert_allclose(one, by_hand, atol=1e-6)
+
+
+def test_apply_color_ops_every_order_equals_ops_composed_by_hand():
+    # Vmapped over all 24 orders at once, as `views` runs it (order differs per image).
+    image = _images()["random"]
+    b, c, s, h = 1.5, 0.4, 1.8, 0.15
+    ops = [
+        lambda x: augment.adjust_brightness(x, b),
+        lambda x: augment.adjust_contrast(x, c),
+        lambda x: augment.adjust_saturation(x, s),
+        lambda x: augment.adjust_hue(x, h),
+    ]
+    orders = np.array(list(itertools.permutations(range(4))), np.int32)
+    apply = jax.jit(jax.vmap(augment.apply_color_ops, in_axes=(None,) * 5 + (0,)))
+    got = np.asarray(apply(image, b, c, s, h, orders))
+    for order, out in zip(orders, got, strict=True):
+        expected = image
+        for op in order:
+            expected = ops[op](expected)
+        np.testing.assert_allclose(out, expected, atol=2e-6, err_msg=str(order))
 
 
 def test_color_jitter_probability():
