@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 IMAGE_WIDTH, IMAGE_HEIGHT, JPEG_QUALITY = 500, 375, 90
+DEFAULT_SIZE = (IMAGE_WIDTH, IMAGE_HEIGHT)
 NUM_CLASSES = 8
 PATHS = ("project", "baseline", "cifar10", "digits")
 TARGET_OF_BASELINE = 700 / 880
@@ -99,13 +100,19 @@ def photo_jpeg(
     return buffer.getvalue()
 
 
-def write_image_folder(root: str, num_images: int, seed: int = 0) -> float:
+def write_image_folder(
+    root: str,
+    num_images: int,
+    seed: int = 0,
+    width: int = IMAGE_WIDTH,
+    height: int = IMAGE_HEIGHT,
+) -> float:
     """Writes ROOT/train/<class>/*.jpg (num_images) + one val image per class; returns mean KB.
 
     A folder already written with the same count and seed is reused.
     """
     marker = os.path.join(root, "written.json")
-    spec = {"num_images": num_images, "seed": seed, "size": [IMAGE_WIDTH, IMAGE_HEIGHT]}
+    spec = {"num_images": num_images, "seed": seed, "size": [width, height]}
     if os.path.isfile(marker):
         with open(marker) as f:
             done = json.load(f)
@@ -117,7 +124,7 @@ def write_image_folder(root: str, num_images: int, seed: int = 0) -> float:
         split, index = ("train", i) if i < num_images else ("val", i - num_images)
         folder = os.path.join(root, split, f"c{index % NUM_CLASSES}")
         os.makedirs(folder, exist_ok=True)
-        jpeg = photo_jpeg(rng)
+        jpeg = photo_jpeg(rng, width, height)
         with open(os.path.join(folder, f"{index:06d}.jpg"), "wb") as f:
             f.write(jpeg)
         if split == "train":
@@ -239,6 +246,17 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def _size(text: str) -> tuple[int, int]:
+    """Parses WIDTHxHEIGHT."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 500x375") from None
+    if min(width, height) < 32:
+        raise argparse.ArgumentTypeError(f"{text!r}: both sides must be >= 32 px")
+    return width, height
+
+
 def main() -> None:
     """Parses flags, writes the JPEGs, times each path and thread count, prints the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -250,7 +268,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10, help="untimed batches before each window")
     p.add_argument("--steps", type=int, default=8, help="batches per timed window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is shown")
-    p.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "simclr_jax_jpegs"))
+    p.add_argument("--folder", default=None, help="where to write the JPEGs (default: a temp dir)")
+    p.add_argument(
+        "--jpeg_size",
+        type=_size,
+        default=DEFAULT_SIZE,
+        help="WIDTHxHEIGHT of the JPEGs (default 500x375, ImageNet-like)",
+    )
     p.add_argument(
         "--paths", default=",".join(PATHS), help=f"comma-separated rows to run, of {PATHS}"
     )
@@ -262,20 +286,25 @@ def main() -> None:
     threads = args.threads or [1, 2]
 
     t0 = time.perf_counter()
-    mean_kb = write_image_folder(args.folder, args.num_images)
+    width, height = args.jpeg_size
+    folder = args.folder or os.path.join(
+        tempfile.gettempdir(),
+        "simclr_jax_jpegs" + ("" if args.jpeg_size == DEFAULT_SIZE else f"_{width}x{height}"),
+    )
+    mean_kb = write_image_folder(folder, args.num_images, width=width, height=height)
     print(
-        f"{args.num_images} JPEGs {IMAGE_WIDTH}x{IMAGE_HEIGHT} q{JPEG_QUALITY} in {args.folder}: "
+        f"{args.num_images} JPEGs {width}x{height} q{JPEG_QUALITY} in {folder}: "
         f"mean {mean_kb:.1f} KB (written or found in {time.perf_counter() - t0:.0f} s, untimed)"
     )
     # (path, threads, host views per image, iterator factory)
     runs: list[tuple[str, str, int, Callable[[], Iterator[Any]]]] = []
     for n in threads:
         if "project" in paths:
-            make = functools.partial(project_batches, args.folder, n, args.batch_size)
+            make = functools.partial(project_batches, folder, n, args.batch_size)
             runs.append(("image_folder host_crop", str(n), 2, make))
     for n in threads:
         if "baseline" in paths:
-            make = functools.partial(baseline_batches, args.folder, n, args.batch_size)
+            make = functools.partial(baseline_batches, folder, n, args.batch_size)
             runs.append(("baseline decode_and_crop", str(n), 1, make))
     for name, label in (("cifar10", "cifar10 in-memory 32px"), ("digits", "digits in-memory 16px")):
         if name in paths:

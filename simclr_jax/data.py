@@ -375,6 +375,47 @@ def _resize_uint8(image: Any, size: int) -> Any:
     return tf.cast(tf.round(resized), tf.uint8)
 
 
+# libjpeg can decode at 1/2, 1/4 or 1/8 scale by dropping DCT coefficients: the scaled inverse
+# DCT is cheaper, acts as an antialiasing filter, and spares the float halvings of
+# `_resize_uint8` on large images.
+_DCT_RATIOS = (1, 2, 4, 8)
+
+
+def _decode_jpeg_windows(data: Any, windows: Any, size: int) -> tuple[Any, Any]:
+    """Decodes the union of `windows` (int32 [k, 4] y, x, h, w) of a JPEG, DCT-scaled.
+
+    Returns (uint8 [h, w, 3] union, windows in its pixels). The scale is the smallest 1/r that
+    leaves every window at least `size` px on each side, so the resize that follows still only
+    shrinks where it did at full scale. Scaled windows are rounded to whole pixels (at most r/2
+    original pixels per edge).
+    """
+    tf = _tf()
+    shape = tf.image.extract_jpeg_shape(data)[:2]
+    smallest = tf.reduce_min(windows[:, 2:])
+    ratio_index = tf.reduce_sum(
+        tf.cast(smallest >= size * tf.constant(_DCT_RATIOS[1:], tf.int32), tf.int32)
+    )
+
+    def decode(ratio: int) -> Callable[[], tuple[Any, Any]]:
+        def branch() -> tuple[Any, Any]:
+            scaled_shape = -(-shape // ratio)  # libjpeg's output size: ceil(side / ratio)
+            begin = (windows[:, :2] + ratio // 2) // ratio
+            end = tf.minimum((windows[:, :2] + windows[:, 2:] + ratio // 2) // ratio, scaled_shape)
+            union_begin = tf.reduce_min(begin, axis=0)
+            mcu = max(1, _JPEG_MCU_WIDTH // ratio)  # see _JPEG_MCU_WIDTH
+            union_begin = union_begin - tf.stack([0, union_begin[1] % mcu])
+            union_end = tf.reduce_max(end, axis=0)
+            union = tf.image.decode_and_crop_jpeg(
+                data, tf.concat([union_begin, union_end - union_begin], 0), channels=3, ratio=ratio
+            )
+            local = tf.concat([begin - union_begin, end - begin], axis=1)
+            return union, local
+
+        return branch
+
+    return tf.switch_case(ratio_index, [decode(r) for r in _DCT_RATIOS])
+
+
 def _decode_views(data: Any, size: int, seed: int, position: Any) -> Any:
     """SimCLR's two random resized crops of an encoded image, uint8 [2, size, size, 3].
 
@@ -385,11 +426,7 @@ def _decode_views(data: Any, size: int, seed: int, position: Any) -> Any:
 
     def jpeg() -> tuple[Any, Any]:
         windows = crop_windows(tf.image.extract_jpeg_shape(data), seed, position)
-        begin = tf.reduce_min(windows[:, :2], axis=0)
-        begin = begin - tf.stack([0, begin[1] % _JPEG_MCU_WIDTH])  # see _JPEG_MCU_WIDTH
-        end = tf.reduce_max(windows[:, :2] + windows[:, 2:], axis=0)
-        union = tf.image.decode_and_crop_jpeg(data, tf.concat([begin, end - begin], 0), channels=3)
-        return union, windows - tf.concat([begin, [0, 0]], 0)
+        return _decode_jpeg_windows(data, windows, size)
 
     def other() -> tuple[Any, Any]:
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
@@ -413,9 +450,10 @@ def _decode_centre(data: Any, size: int, fraction: float) -> Any:
         return tf.stack([(shape[0] - side) // 2, (shape[1] - side) // 2, side, side])
 
     def jpeg() -> Any:  # decodes only the window
-        return tf.image.decode_and_crop_jpeg(
-            data, window(tf.image.extract_jpeg_shape(data)), channels=3
-        )
+        windows = window(tf.image.extract_jpeg_shape(data))[None]
+        image, local = _decode_jpeg_windows(data, windows, size)
+        y, x, h, w = tf.unstack(local[0])
+        return image[y : y + h, x : x + w]
 
     def other() -> Any:
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
