@@ -15,12 +15,15 @@ simclr_jax's XLA:CPU flags (in two subprocesses: XLA reads its flags once per pr
 from __future__ import annotations
 
 import argparse
+import glob
+import gzip
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -123,6 +126,8 @@ def run(args) -> dict:
         state, m = compiled(state, batch)
     jax.block_until_ready((state, m))
     dt = (time.perf_counter() - t0) / args.steps
+    if args.profile_dir:
+        print_top_ops(profile_top_ops(compiled, state, batch, args.profile_dir))
     wait_share = float("nan")
     if args.with_input:
         wait_share = input_wait_share(config, compiled, state, mesh, args.steps)
@@ -151,6 +156,59 @@ def run(args) -> dict:
     }
     del jnp
     return row
+
+
+def profile_top_ops(
+    compiled: Any, state: Any, batch: Any, log_dir: str, steps: int = 3, top: int = 15
+) -> list[tuple[str, float, int]]:
+    """Traces `steps` steps into `log_dir`; returns the `top` ops as (name, share of time, calls).
+
+    The trace (TensorBoard's profile plugin or xprof read `log_dir`; ui.perfetto.dev reads its
+    `perfetto_trace.json.gz`) stays for a closer look; the shares are summed from the Perfetto
+    file over the device's "XLA Ops" line (on CPU, the threads that run XLA's kernels).
+    """
+    import jax
+
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+    paths = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(max(paths, key=os.path.getmtime)) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    threads = {
+        (e["pid"], e["tid"]): e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
+    # GPU/TPU: the device's "XLA Ops" line (one event per op; the module and step lines would
+    # count the same time again). CPU: the threads that run XLA's kernels.
+    chosen = {key for key, name in threads.items() if name == "XLA Ops"}
+    if not chosen:
+        chosen = {key for key, name in threads.items() if "XLAEigen" in name or "PjRtCpu" in name}
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("ph") != "X" or (chosen and (e.get("pid"), e.get("tid")) not in chosen):
+            continue
+        name = e.get("name", "?")
+        if name.startswith(("ThunkExecutor", "$", "Pjit", "PjRt")):  # wrappers around the ops
+            continue
+        entry = totals.setdefault(name, [0.0, 0])
+        entry[0] += float(e.get("dur", 0.0))
+        entry[1] += 1
+    whole = sum(v[0] for v in totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return [(name, dur / whole, int(calls)) for name, (dur, calls) in ranked]
+
+
+def print_top_ops(ops: list[tuple[str, float, int]]) -> None:
+    """Prints the profile's top ops as a Markdown table."""
+    print("| op | share of traced time | calls |")
+    print("|---|---|---|")
+    for name, share, calls in ops:
+        print(f"| `{name[:80]}` | {100 * share:.1f}% | {calls} |")
+    print()
 
 
 def input_wait_share(config, step_fn, state, mesh, steps: int) -> float:
@@ -201,6 +259,9 @@ def main() -> None:
         help="XLA:CPU flags of simclr_jax.platform_flags (CPU only)",
     )
     p.add_argument("--with_input", action="store_true")
+    p.add_argument(
+        "--profile_dir", default="", help="also trace 3 steps there and print the top ops"
+    )
     p.add_argument("--json", action="store_true", help="print the row as JSON")
     args = p.parse_args()
     if args.cpu_flags == "both":

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The pending GPU figures of docs/benchmarks.md in one run on a lent GPU machine.
+#
+# Prepare here, once (the GPU image lacks ml-collections; see ../shared/DESIGN.md):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux2014_x86_64 -d .whl ml-collections==1.1.0
+# then run it through the device tool, e.g.
+#   run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=540)
+# Each check runs under its own time limit, so one slow compile cannot eat the rest; the log and
+# the profile's Perfetto trace land in $OUT (or ./gpu_checks when OUT is unset).
+set -uo pipefail
+
+out=${OUT:-gpu_checks}
+mkdir -p "$out"
+log=$out/gpu_checks.log
+export PYTHONUNBUFFERED=1
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+# check LIMIT_S COMMAND...: runs it under a time limit, teeing its output and exit code to the log.
+check() {
+  local limit=$1
+  shift
+  echo "### $(date -u +%FT%TZ) $* (limit ${limit}s)" | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  echo "### exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; } | tee -a "$log"
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$log"
+
+# About 8 minutes of limits in all: a lease has 15 minutes of device time, start-up included.
+step=benchmarks/train_step.py
+check 120 python3 $step --preset=resnet50_224 --batch_size=256 --dtype=bfloat16 \
+  --profile_dir="$out/profile_r50"
+check 75 python3 $step --preset=resnet50_224 --batch_size=512 --dtype=bfloat16
+check 60 python3 $step --preset=resnet50_224 --batch_size=256 --dtype=bfloat16 --no_augment
+check 45 python3 $step --preset=resnet18_cifar32 --batch_size=512
+check 45 python3 $step --preset=resnet18_cifar32 --batch_size=1024
+check 45 python3 benchmarks/augment.py --image_size=32 --image_size=224
+check 90 python3 benchmarks/loss_memory.py --max_batch=65536 --max_run_gib=70
+
+# Only the Perfetto trace comes back (the tool returns 8 files at most, 2 folders deep).
+trace=$(find "$out/profile_r50" -name perfetto_trace.json.gz 2>/dev/null | head -n 1)
+if [[ -n $trace ]]; then
+  cp "$trace" "$out/perfetto_trace_r50.json.gz"
+  rm -rf "$out/profile_r50"
+fi
