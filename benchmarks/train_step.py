@@ -127,7 +127,8 @@ def run(args) -> dict:
     jax.block_until_ready((state, m))
     dt = (time.perf_counter() - t0) / args.steps
     if args.profile_dir:
-        print_top_ops(profile_top_ops(compiled, state, batch, args.profile_dir))
+        ops, state = profile_top_ops(compiled, state, batch, args.profile_dir)
+        print_top_ops(ops)
     wait_share = float("nan")
     if args.with_input:
         wait_share = input_wait_share(config, compiled, state, mesh, args.steps)
@@ -160,8 +161,8 @@ def run(args) -> dict:
 
 def profile_top_ops(
     compiled: Any, state: Any, batch: Any, log_dir: str, steps: int = 3, top: int = 15
-) -> list[tuple[str, float, int]]:
-    """Traces `steps` steps into `log_dir`; returns the `top` ops as (name, share of time, calls).
+) -> tuple[list[tuple[str, float, int]], Any]:
+    """Traces `steps` steps into `log_dir`; returns the `top` ops (name, share, calls), the state.
 
     The trace (TensorBoard's profile plugin or xprof read `log_dir`; ui.perfetto.dev reads its
     `perfetto_trace.json.gz`) stays for a closer look; the shares are summed from the Perfetto
@@ -199,7 +200,8 @@ def profile_top_ops(
         entry[1] += 1
     whole = sum(v[0] for v in totals.values()) or 1.0
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
-    return [(name, dur / whole, int(calls)) for name, (dur, calls) in ranked]
+    # The step donates its state: the caller must go on with the one returned here.
+    return [(name, dur / whole, int(calls)) for name, (dur, calls) in ranked], state
 
 
 def print_top_ops(ops: list[tuple[str, float, int]]) -> None:
