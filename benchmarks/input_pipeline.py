@@ -337,18 +337,19 @@ def main() -> None:
                 "images/s per thread": rate / int(n) if n != "n/a" else "n/a",
                 "CPU ms / image": statistics.median(cpu_ms),
                 "cores busy": statistics.median(busy),
-                "_rates": rates,
             }
         )
     # The target is relative: plain tf.data runs at ~880 images/s per thread on the machines
     # the target was set on and the host path must reach 700, i.e. TARGET_OF_BASELINE of it.
-    baseline = {r["threads"]: r["_rates"] for r in rows if r["path"].startswith("baseline")}
+    rates_of = {
+        (name, n): [w[0] for w in timed] for (name, n, *_), timed in zip(runs, windows, strict=True)
+    }
     for row in rows:
-        if row["path"].startswith("image_folder") and row["threads"] in baseline:
-            ratios = [p / b for p, b in zip(row["_rates"], baseline[row["threads"]], strict=True)]
+        baseline = rates_of.get(("baseline decode_and_crop", row["threads"]))
+        if row["path"].startswith("image_folder") and baseline:
+            rates = rates_of[(row["path"], row["threads"])]
+            ratios = [p / b for p, b in zip(rates, baseline, strict=True)]
             row["of baseline"] = f"{statistics.median(ratios):.2f}"
-    for row in rows:
-        del row["_rates"]
     print(
         f"\nbatch {args.batch_size}; median of {args.repeats} windows per path, taken round robin, "
         f"each of {args.steps} batches ({100 * args.steps} in memory) after {args.warmup} "

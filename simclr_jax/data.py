@@ -381,8 +381,8 @@ def _resize_uint8(image: Any, size: int) -> Any:
 _DCT_RATIOS = (1, 2, 4, 8)
 
 
-def _decode_jpeg_windows(data: Any, windows: Any, size: int) -> tuple[Any, Any]:
-    """Decodes the union of `windows` (int32 [k, 4] y, x, h, w) of a JPEG, DCT-scaled.
+def _decode_jpeg_windows(data: Any, shape: Any, windows: Any, size: int) -> tuple[Any, Any]:
+    """Decodes the union of `windows` (int32 [k, 4] y, x, h, w) of a JPEG of `shape`, DCT-scaled.
 
     Returns (uint8 [h, w, 3] union, windows in its pixels). The scale is the smallest 1/r that
     leaves every window at least `size` px on each side, so the resize that follows still only
@@ -390,7 +390,7 @@ def _decode_jpeg_windows(data: Any, windows: Any, size: int) -> tuple[Any, Any]:
     original pixels per edge).
     """
     tf = _tf()
-    shape = tf.image.extract_jpeg_shape(data)[:2]
+    shape = shape[:2]
     smallest = tf.reduce_min(windows[:, 2:])
     ratio_index = tf.reduce_sum(
         tf.cast(smallest >= size * tf.constant(_DCT_RATIOS[1:], tf.int32), tf.int32)
@@ -425,8 +425,8 @@ def _decode_views(data: Any, size: int, seed: int, position: Any) -> Any:
     tf = _tf()
 
     def jpeg() -> tuple[Any, Any]:
-        windows = crop_windows(tf.image.extract_jpeg_shape(data), seed, position)
-        return _decode_jpeg_windows(data, windows, size)
+        shape = tf.image.extract_jpeg_shape(data)
+        return _decode_jpeg_windows(data, shape, crop_windows(shape, seed, position), size)
 
     def other() -> tuple[Any, Any]:
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
@@ -450,8 +450,8 @@ def _decode_centre(data: Any, size: int, fraction: float) -> Any:
         return tf.stack([(shape[0] - side) // 2, (shape[1] - side) // 2, side, side])
 
     def jpeg() -> Any:  # decodes only the window
-        windows = window(tf.image.extract_jpeg_shape(data))[None]
-        image, local = _decode_jpeg_windows(data, windows, size)
+        shape = tf.image.extract_jpeg_shape(data)
+        image, local = _decode_jpeg_windows(data, shape, window(shape)[None], size)
         y, x, h, w = tf.unstack(local[0])
         return image[y : y + h, x : x + w]
 
