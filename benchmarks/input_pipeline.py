@@ -4,18 +4,20 @@
 
 Rows (timed after a warm-up; writing the files is not timed):
 
-* `image_folder host_crop` -- the real ImageNet-style path: `data.pretrain_iterator` with
-  configs/imagenet.py pointed at an image folder of JPEGs this script writes (about 500x375 px and
-  100 KB, photo-like texture, quality 90), `host_crop=True`, 224 px: read, fused decode + two
-  random resized crops per image, resize, batch, prefetch thread. `config.data.num_threads`
-  bounds tf.data's threads (map calls, private pool, one thread per op).
+* `image_folder host_size=H` (path `project`) -- the real ImageNet-style path:
+  `data.pretrain_iterator` with configs/imagenet.py pointed at an image folder of JPEGs this
+  script writes (about 500x375 px and 100 KB, photo-like texture, quality 90), `host_crop=True`,
+  224 px views: read, decode of the union of two random crop windows, one resize to H x H (the
+  device cuts the views), batch, prefetch thread. `config.data.num_threads` bounds tf.data's
+  threads (map calls, private pool, one thread per op). `--host_size` overrides the config's H.
+* `image_folder host_size=0` (path `views`) -- the same with both views resized on the host.
 * `baseline decode_and_crop` -- plain tf.data on the same files and threads: read,
   `decode_and_crop_jpeg` of one random crop, `tf.image.resize` to 224, batch.
 * `cifar10 in-memory 32px` / `digits in-memory 16px` -- the numpy path (`data._memory_arrays`
   patched to 50,000 random 32 px images for CIFAR, which is not downloaded here); one prefetch
   thread, no tf.data, so the thread count does not apply.
 
-images/s counts source images; a host-crop image is two views. `CPU ms / image` is the process's
+images/s counts source images; each makes two views. `CPU ms / image` is the process's
 CPU time (all threads) per image and `cores busy` its CPU time per wall second: together they show
 whether the thread bound held and what one core sustains, which other load on the machine blurs
 less than images/s. Each figure is the median of `--repeats` timed windows, taken round robin
@@ -46,7 +48,7 @@ import numpy as np  # noqa: E402
 IMAGE_WIDTH, IMAGE_HEIGHT, JPEG_QUALITY = 500, 375, 90
 DEFAULT_SIZE = (IMAGE_WIDTH, IMAGE_HEIGHT)
 NUM_CLASSES = 8
-PATHS = ("project", "baseline", "cifar10", "digits")
+PATHS = ("project", "views", "baseline", "cifar10", "digits")
 TARGET_OF_BASELINE = 700 / 880
 
 
@@ -165,8 +167,10 @@ def time_window(
     return steps * batch_size / wall, 1e3 * cpu / (steps * batch_size), cpu / wall
 
 
-def project_batches(folder: str, threads: int, batch_size: int) -> Iterator[Any]:
-    """The real ImageNet-config iterator over the image folder with host crops."""
+def project_batches(
+    folder: str, threads: int, batch_size: int, host_size: int | None = None
+) -> Iterator[Any]:
+    """The real ImageNet-config iterator over the image folder (host_size: overrides the config)."""
     from configs import imagenet
     from simclr_jax import data
 
@@ -175,6 +179,8 @@ def project_batches(folder: str, threads: int, batch_size: int) -> Iterator[Any]
     config.data.folder = folder
     config.batch_size = batch_size
     config.data.num_threads = threads
+    if host_size is not None:
+        config.data.host_size = host_size
     assert config.data.host_crop and config.data.image_size == 224
     return data.pretrain_iterator(config, process_index=0, process_count=1)
 
@@ -276,6 +282,12 @@ def main() -> None:
         help="WIDTHxHEIGHT of the JPEGs (default 500x375, ImageNet-like)",
     )
     p.add_argument(
+        "--host_size",
+        type=int,
+        default=None,
+        help="config.data.host_size of the project row (default: configs/imagenet.py's)",
+    )
+    p.add_argument(
         "--paths", default=",".join(PATHS), help=f"comma-separated rows to run, of {PATHS}"
     )
     args = p.parse_args()
@@ -298,10 +310,16 @@ def main() -> None:
     )
     # (path, threads, host views per image, iterator factory)
     runs: list[tuple[str, str, int, Callable[[], Iterator[Any]]]] = []
+    from configs import imagenet
+
+    host_size = imagenet.get_config().data.host_size if args.host_size is None else args.host_size
     for n in threads:
         if "project" in paths:
-            make = functools.partial(project_batches, folder, n, args.batch_size)
-            runs.append(("image_folder host_crop", str(n), 2, make))
+            make = functools.partial(project_batches, folder, n, args.batch_size, host_size)
+            runs.append((f"image_folder host_size={host_size}", str(n), 2, make))
+        if "views" in paths and host_size:
+            make = functools.partial(project_batches, folder, n, args.batch_size, host_size=0)
+            runs.append(("image_folder host_size=0", str(n), 2, make))
     for n in threads:
         if "baseline" in paths:
             make = functools.partial(baseline_batches, folder, n, args.batch_size)

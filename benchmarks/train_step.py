@@ -99,10 +99,15 @@ def run(args) -> dict:
     state = train.create_train_state(config, model, tx, mesh)
     size = config.data.image_size
     rng = np.random.default_rng(0)
+    side = args.host_size or size
     batch = {
-        "image": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
+        "image": rng.integers(0, 256, (config.batch_size, side, side, 3), dtype=np.uint8),
         "label": rng.integers(0, 10, (config.batch_size,), dtype=np.int32),
     }
+    if args.host_size:  # the union of two windows from the host; the device cuts the views
+        extent = rng.uniform(0.3 * side, side, (config.batch_size, 2, 2))
+        begin = rng.uniform(0, 1, extent.shape) * (side - extent)
+        batch["crop"] = np.concatenate([begin, extent], -1).astype(np.float32)
     if args.no_augment:
         config.augment.crop = False
         config.augment.color_jitter_prob = config.augment.grayscale_prob = 0.0
@@ -142,7 +147,8 @@ def run(args) -> dict:
         "px": size,
         "batch": config.batch_size,
         "dtype": config.model.dtype,
-        "aug": "off" if args.no_augment else "on",
+        "aug": ("off" if args.no_augment else "on")
+        + (f", host_size={args.host_size}" if args.host_size else ""),
         "step_s": dt,
         "img_per_s": config.batch_size / dt,
         "gflop_per_img": flops / config.batch_size / 1e9 if flops else float("nan"),
@@ -254,6 +260,12 @@ def main() -> None:
     p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--no_augment", action="store_true")
+    p.add_argument(
+        "--host_size",
+        type=int,
+        default=0,
+        help="feed H x H window unions plus crop boxes (config.data.host_size) instead of S x S",
+    )
     p.add_argument(
         "--cpu_flags",
         default="on",

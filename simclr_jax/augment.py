@@ -452,14 +452,18 @@ def validate_augment_config(config: Mapping) -> None:
             raise ValueError(f"augment.{name}={prob!r} must be a probability in [0, 1]")
 
 
-def _simclr_view(key: jax.Array, image: jax.Array, cfg: Mapping) -> jax.Array:
-    """`simclr_view` on an already validated augment section."""
+def _simclr_view(
+    key: jax.Array, image: jax.Array, cfg: Mapping, box: jax.Array | None = None
+) -> jax.Array:
+    """`simclr_view` on an already validated augment section; `box` replaces the random crop."""
     # Split every key up front, whatever is enabled, so turning one op off leaves the others'
     # randomness unchanged.
     k_crop, k_flip, k_jitter, k_gray, k_blur, k_solarize = jax.random.split(key, 6)
     image = image.astype(jnp.float32)
     size = cfg["image_size"]
-    if cfg["crop"]:
+    if box is not None:  # a window the host sampled on the original image (see `views`)
+        image = resize_crop(image, box[0], box[1], box[2], box[3], size)
+    elif cfg["crop"]:
         image = random_resized_crop(k_crop, image, size, area_range=(cfg["area_min"], 1.0))
     elif image.shape[:2] != (size, size):
         # Host crops of another size: resize the whole image.
@@ -483,12 +487,21 @@ def simclr_view(key: jax.Array, image: jax.Array, config: Mapping) -> jax.Array:
     return _simclr_view(key, image, _augment_section(config))
 
 
-def views(key: jax.Array, images: jax.Array, config: Mapping, num_views: int = 2) -> jax.Array:
+def views(
+    key: jax.Array,
+    images: jax.Array,
+    config: Mapping,
+    num_views: int = 2,
+    boxes: jax.Array | None = None,
+) -> jax.Array:
     """SimCLR views `[num_views, B, S, S, 3]` of a batch, with independent keys per view and image.
 
     `images` is uint8 (scaled by 1/255) or float in [0, 1], either `[B, H, W, 3]` (every view
     augments the same image) or `[B, num_views, H, W, 3]` host crops (view v of example i augments
-    `images[i, v]`; typically with `config.crop=False`).
+    `images[i, v]`; typically with `config.crop=False`). With `boxes` (float `[B, num_views, 4]`,
+    `(y, x, h, w)` in pixels of `[B, H, W, 3]` images) view v of example i is cut out of
+    `images[i]` at `boxes[i, v]` (bilinear, antialiased) instead of at a random crop: the host
+    sampled the windows (`data` with `config.data.host_size`).
     """
     validate_augment_config(config)
     cfg = _augment_section(config)
@@ -496,6 +509,11 @@ def views(key: jax.Array, images: jax.Array, config: Mapping, num_views: int = 2
         images = images.astype(jnp.float32) / 255.0
     else:
         images = images.astype(jnp.float32)
+    if boxes is not None and (images.ndim != 4 or boxes.shape != (images.shape[0], num_views, 4)):
+        raise ValueError(
+            f"boxes {boxes.shape} must be [B, num_views, 4] = [{images.shape[0]}, {num_views}, 4] "
+            f"for images [B, H, W, C]; got images {images.shape}"
+        )
     if images.ndim == 5:
         if images.shape[1] != num_views:
             raise ValueError(
@@ -512,7 +530,10 @@ def views(key: jax.Array, images: jax.Array, config: Mapping, num_views: int = 2
     batch = images.shape[0]
     keys = jax.random.split(key, (num_views, batch))  # works for raw and typed keys
 
-    def one(k: jax.Array, image: jax.Array) -> jax.Array:
-        return _simclr_view(k, image, cfg)
+    def one(k: jax.Array, image: jax.Array, box: jax.Array | None) -> jax.Array:
+        return _simclr_view(k, image, cfg, box)
 
-    return jax.vmap(jax.vmap(one), in_axes=(0, image_axis))(keys, per_view)
+    if boxes is None:
+        return jax.vmap(jax.vmap(one), in_axes=(0, image_axis, None))(keys, per_view, None)
+    per_view_boxes = jnp.swapaxes(jnp.asarray(boxes, jnp.float32), 0, 1)  # [V, B, 4]
+    return jax.vmap(jax.vmap(one), in_axes=(0, None, 0))(keys, per_view, per_view_boxes)

@@ -45,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.manual_dir = ml_collections.config_dict.placeholder(str)  # imagenet2012 tars
     c.data.folder = ml_collections.config_dict.placeholder(str)  # image_folder root
     c.data.host_crop = False  # random-resized-crop on the host at decode (large images)
+    # With host_crop: 0 = the host resizes both views to image_size; H > 0 = it resizes the
+    # union of the two crop windows to H x H once and the device cuts the views out of it.
+    c.data.host_size = 0
     c.data.shuffle_buffer = 10_000
     c.data.prefetch = 2  # batches prepared ahead by a background thread
     c.data.num_threads = 0  # tf.data decode threads (0: autotune)
@@ -148,6 +151,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     )
     _check(c.data.image_size > 0, "data.image_size", c.data.image_size, "> 0")
     _check(c.data.prefetch >= 0, "data.prefetch", c.data.prefetch, ">= 0")
+    _check(
+        c.data.host_size == 0 or (c.data.host_crop and c.data.host_size >= c.data.image_size),
+        "data.host_size",
+        c.data.host_size,
+        f"0, or with data.host_crop=True at least data.image_size={c.data.image_size}",
+    )
     _check(c.augment.image_size > 0, "augment.image_size", c.augment.image_size, "> 0")
     _check(
         c.augment.crop or c.augment.image_size == c.data.image_size,
@@ -209,8 +218,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Lines `key: saved -> new` for every key whose change alters what a resumed run computes."""
+    """Lines `key: saved -> new` for every key whose change alters what a resumed run computes.
+
+    A key the saved run predates counts as its `base_config` default: code without the key
+    behaved as the default does (new keys keep the old behaviour at their default).
+    """
     a, b = _flatten(saved), _flatten(new)
+    defaults = _flatten(base_config().to_dict())
+    a.update({k: defaults[k] for k in set(b) - set(a) if k in defaults})
     lines = []
     for key in sorted(set(a) | set(b)):
         if key.startswith(RESUME_SAFE_KEYS) or a.get(key) == b.get(key):

@@ -416,11 +416,12 @@ def _decode_jpeg_windows(data: Any, shape: Any, windows: Any, size: int) -> tupl
     return tf.switch_case(ratio_index, [decode(r) for r in _DCT_RATIOS])
 
 
-def _decode_views(data: Any, size: int, seed: int, position: Any) -> Any:
-    """SimCLR's two random resized crops of an encoded image, uint8 [2, size, size, 3].
+def _decode_union(data: Any, size: int, seed: int, position: Any) -> tuple[Any, Any]:
+    """The union of a record's two crop windows, uint8 [h, w, 3], and the windows in its pixels.
 
-    The image is decoded once: for JPEGs only the union of the two windows (decoding is most of
-    the cost, and decoding each window separately nearly doubles it), other formats whole.
+    The image is decoded once: for JPEGs only the union (decoding is most of the cost, and
+    decoding each window separately nearly doubles it), DCT-scaled where the windows allow; other
+    formats whole, then sliced.
     """
     tf = _tf()
 
@@ -430,15 +431,42 @@ def _decode_views(data: Any, size: int, seed: int, position: Any) -> Any:
 
     def other() -> tuple[Any, Any]:
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        return image, crop_windows(tf.shape(image), seed, position)
+        windows = crop_windows(tf.shape(image), seed, position)
+        begin = tf.reduce_min(windows[:, :2], axis=0)
+        end = tf.reduce_max(windows[:, :2] + windows[:, 2:], axis=0)
+        local = tf.concat([windows[:, :2] - begin, windows[:, 2:]], axis=1)
+        return image[begin[0] : end[0], begin[1] : end[1]], local
 
-    image, windows = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+    return tf.cond(tf.io.is_jpeg(data), jpeg, other)
+
+
+def _decode_views(data: Any, size: int, seed: int, position: Any) -> Any:
+    """SimCLR's two random resized crops of an encoded image, uint8 [2, size, size, 3]."""
+    tf = _tf()
+    image, windows = _decode_union(data, size, seed, position)
     views = []
     for view in range(_NUM_VIEWS):
         y, x, h, w = tf.unstack(windows[view])
         # Slice before the cast: copying uint8 moves a quarter of the bytes.
         views.append(_resize_uint8(tf.cast(image[y : y + h, x : x + w], tf.float32), size))
     return tf.stack(views)
+
+
+def _decode_union_resized(
+    data: Any, size: int, host_size: int, seed: int, position: Any
+) -> tuple[Any, Any]:
+    """The crop windows' union as uint8 [host_size, host_size, 3] and the windows in it [2, 4].
+
+    The windows are float32 (y, x, h, w) in the resized union's pixels: the device cuts the views
+    out of it (`augment.views` with boxes). One resize per image instead of one per view keeps
+    the host's cost close to a plain decode-and-crop. The union is stretched to a square, which
+    the windows' coordinates undo.
+    """
+    tf = _tf()
+    image, windows = _decode_union(data, size, seed, position)
+    scale = host_size / tf.cast(tf.shape(image)[:2], tf.float32)
+    boxes = tf.cast(windows, tf.float32) * tf.tile(scale, [2])[None]
+    return _resize_uint8(tf.cast(image, tf.float32), host_size), boxes
 
 
 def _decode_centre(data: Any, size: int, fraction: float) -> Any:
@@ -528,15 +556,18 @@ def _streamed_batches(
     records, load = _records(
         config, "pretrain", process_index=process_index, process_count=process_count, seed=seed
     )
-    size = config.data.image_size
+    size, host_size = config.data.image_size, getattr(config.data, "host_size", 0)
 
     def prepare(position: Any, example: Any) -> dict[str, Any]:
         data = load(example["image"])
-        if config.data.host_crop:  # two independent crops of the original image
-            image = _decode_views(data, size, seed, position)
-        else:
-            image = _decode_centre(data, size, 1.0)
-        return {"image": image, "label": tf.cast(example["label"], tf.int32)}
+        label = tf.cast(example["label"], tf.int32)
+        if not config.data.host_crop:
+            return {"image": _decode_centre(data, size, 1.0), "label": label}
+        # Two independent crops of the original image, cut out here or (host_size) on device.
+        if not host_size:
+            return {"image": _decode_views(data, size, seed, position), "label": label}
+        image, boxes = _decode_union_resized(data, size, host_size, seed, position)
+        return {"image": image, "crop": boxes, "label": label}
 
     ds = records.shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     # Number the records before skipping, so crop seeds do not depend on where a run resumed.
@@ -667,9 +698,12 @@ def pretrain_iterator(
     process_count: int | None = None,
     start_step: int = 0,
 ) -> Iterator[Batch]:
-    """Endless per-host batches {'image': uint8 [b, S, S, 3] (host_crop: [b, 2, S, S, 3]), 'label'}.
+    """Endless per-host batches {'image': uint8 [b, S, S, 3], 'label': int32 [b]}.
 
-    `b = config.batch_size // process_count`; labels are int32, -1 for unlabelled images. The
+    With `config.data.host_crop` images are two host crops [b, 2, S, S, 3], or with
+    `config.data.host_size = H` the union of the two crop windows [b, H, H, 3] plus the windows
+    'crop': float32 [b, 2, 4] (y, x, h, w in its pixels) that `augment.views` cuts out on device.
+    `b = config.batch_size // process_count`; labels are -1 for unlabelled images. The
     stream starts at global batch `start_step`. Close the iterator (or drop it) to stop its thread.
     """
     name = _dataset_name(config)
@@ -684,9 +718,10 @@ def pretrain_iterator(
         raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
     batch = config.batch_size // process_count
     if name in IN_MEMORY_DATASETS:
-        if config.data.host_crop:
+        if config.data.host_crop or getattr(config.data, "host_size", 0):
             raise ValueError(
-                f"config.data.host_crop is for {', '.join(STREAMED_DATASETS)}, not {name}."
+                f"config.data.host_crop and host_size are for {', '.join(STREAMED_DATASETS)}, "
+                f"not {name}."
             )
         images, labels = _memory_arrays(config, "train")
         if len(labels) < config.batch_size:

@@ -202,7 +202,7 @@ def moco_train_step(
     """
     total_steps = total_steps or int(config.total_steps)
     key = train.step_key(state)
-    x = train.make_views(key, batch["image"], config)
+    x = train.make_views(key, batch["image"], config, batch.get("crop"))
     labels = batch["label"]
     # make_views interleaves the two views of each image: rows 2i (queries), 2i + 1 (keys).
     pairs = x.reshape((labels.shape[0], 2) + x.shape[1:])

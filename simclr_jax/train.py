@@ -147,13 +147,19 @@ def _sharded_nt_xent(
     )
 
 
-def make_views(key: jax.Array, images: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
+def make_views(
+    key: jax.Array,
+    images: jax.Array,
+    config: ml_collections.ConfigDict,
+    boxes: jax.Array | None = None,
+) -> jax.Array:
     """Two augmented views per image, interleaved `[2B, S, S, 3]` (rows 2i, 2i+1 from image i).
 
+    `boxes` are the batch's host-sampled crop windows (`batch['crop']`, see `augment.views`).
     Interleaving keeps both views of an example on the device that holds the example, so the
     batch never moves between devices before the encoder.
     """
-    v = augment.views(key, images, config.augment, num_views=2)  # [2, B, S, S, 3]
+    v = augment.views(key, images, config.augment, num_views=2, boxes=boxes)  # [2, B, S, S, 3]
     v = jnp.swapaxes(v, 0, 1)
     return v.reshape((-1,) + v.shape[2:])
 
@@ -191,7 +197,7 @@ def train_step(
     `total_steps` (default `config.total_steps`) makes the last step a monitor step too.
     """
     key = step_key(state)
-    x = make_views(key, batch["image"], config)
+    x = make_views(key, batch["image"], config, batch.get("crop"))
     labels = batch["label"]
     batch_size = labels.shape[0]
     nt_xent = _sharded_nt_xent(

@@ -480,3 +480,27 @@ def test_missing_and_unknown_config_keys_raise():
     cfg = dict(augment.default_augment_config(SIZE), blur_p=0.5)
     with pytest.raises(ValueError, match="blur_p"):
         augment.simclr_view(jax.random.PRNGKey(0), jnp.zeros((SIZE, SIZE, 3)), cfg)
+
+
+def test_views_cut_host_sampled_boxes():
+    rng = np.random.default_rng(3)
+    union = rng.integers(0, 256, size=(2, 24, 20, 3), dtype=np.uint8)
+    boxes = np.array(
+        [[[0, 0, 24, 20], [4.5, 2.0, 8.0, 12.0]], [[1, 3, 10, 10], [0, 0, 24, 20]]], np.float32
+    )
+    cfg = _all_off_config(SIZE)
+    out = jax.jit(functools.partial(augment.views, config=cfg))(
+        jax.random.PRNGKey(0), union, boxes=boxes
+    )
+    assert out.shape == (2, 2, SIZE, SIZE, 3)
+    # View v of example i is box [i, v] of images[i], resized as augment.resize_crop does.
+    for i in range(2):
+        for v in range(2):
+            expected = augment.resize_crop(union[i] / 255.0, *boxes[i, v], SIZE)
+            np.testing.assert_allclose(out[v, i], expected, atol=1e-6)
+    # The random crop is replaced by the boxes even with config.crop on.
+    cfg.crop = True
+    again = augment.views(jax.random.PRNGKey(0), union, cfg, boxes=boxes)
+    np.testing.assert_allclose(again, out, atol=1e-6)
+    with pytest.raises(ValueError, match="boxes"):
+        augment.views(jax.random.PRNGKey(0), union, cfg, boxes=boxes[:, :1])

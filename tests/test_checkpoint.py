@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tiny import tiny_config
 
-from simclr_jax import checkpoint, data, models, optim, parallel, train
+from simclr_jax import checkpoint, config_base, data, models, optim, parallel, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -182,3 +182,12 @@ def _no_eval():
     c = tiny_config().eval
     c.at_end = False
     return c
+
+
+def test_config_diff_reads_keys_a_saved_run_predates_as_their_defaults():
+    new = tiny_config("imagenet").to_dict()
+    saved = tiny_config("imagenet").to_dict()
+    del saved["data"]["host_size"]  # a run saved before the key existed
+    assert config_base.config_diff(saved, new) == ["data.host_size: 0 -> 256"]
+    new["data"]["host_size"] = 0  # the behaviour that run had
+    assert config_base.config_diff(saved, new) == []

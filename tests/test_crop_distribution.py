@@ -1,25 +1,35 @@
 """SimCLR's random-resized-crop distribution on the original image, host and device paths.
 
 Host (`config.data.host_crop`): `data.crop_windows` is what the pipeline crops (checked on real
-batches below); its area and aspect-ratio distributions are compared with an independent numpy
-implementation of TF's `sample_distorted_bounding_box` algorithm. Device (`augment.crop_params`):
-compared on non-square images with a numpy implementation of its documented (torchvision-style)
-algorithm; the square case against the analytic mean is tests/test_augment.py's
-`test_crop_params_distribution`.
+batches below, with the views cut on the host or, with `host_size`, on the device); its area and
+aspect-ratio distributions are compared with an independent numpy implementation of TF's
+`sample_distorted_bounding_box` algorithm. Device (`augment.crop_params`): compared on non-square
+images with a numpy implementation of its documented (torchvision-style) algorithm; the square
+case against the analytic mean is tests/test_augment.py's `test_crop_params_distribution`.
 """
 
+import functools
 import math
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from simclr_jax import data
+from simclr_jax import augment, data
 
 AREA = (0.08, 1.0)
 ASPECT = (3 / 4, 4 / 3)
 SHAPES = [(375, 500), (500, 375)]  # ImageNet's typical landscape and portrait (height, width)
 N = 8000
+
+
+def _no_augment(size: int) -> ml_collections.ConfigDict:
+    """An augment config that only cuts out the views (every random op off)."""
+    cfg = augment.default_augment_config(size)
+    cfg.crop = cfg.flip = False
+    cfg.color_jitter_prob = cfg.grayscale_prob = cfg.blur_prob = 0.0
+    return cfg
 
 
 def tf_reference_window(
@@ -104,24 +114,23 @@ def test_host_crop_windows_match_tf_reference(height, width):
 
 @pytest.mark.parametrize("height, width", SHAPES)
 def test_device_crop_params_match_reference(height, width):
-    import jax
-
-    from simclr_jax import augment
-
     keys = jax.random.split(jax.random.PRNGKey(3), N)
     sample = jax.jit(jax.vmap(lambda k: augment.crop_params(k, height, width, AREA, ASPECT)))
     windows = np.stack([np.asarray(a) for a in sample(keys)], axis=1)
     check_against_reference(windows, reference(rrc_reference_window, height, width), height, width)
 
 
+@pytest.mark.parametrize("host_size", [0, 80])
 @pytest.mark.parametrize("height, width", [(375, 500), (1200, 1600)])
-def test_pipeline_crops_exactly_the_sampled_windows(tmp_path, height, width):
+def test_pipeline_crops_exactly_the_sampled_windows(tmp_path, height, width, host_size):
     """Views of ramp images show the window of `crop_windows` for their stream position.
 
     Red encodes the row and green the column linearly, so a view's mean locates its window's
     centre and its slope the window's size. JPEGs (union decode, DCT-scaled by 1/2..1/8 where
     both windows are that many times the 64 px view: most of them at 1200x1600) and PNGs (whole
-    decode) mixed.
+    decode) mixed. With `host_size` the host sends the windows' union at 80 px and the device
+    cuts the views out (`augment.views` with the batch's boxes): the composite must land on the
+    same windows of the original image.
     """
     from PIL import Image
 
@@ -150,6 +159,7 @@ def test_pipeline_crops_exactly_the_sampled_windows(tmp_path, height, width):
                 manual_dir=None,
                 folder=str(tmp_path),
                 host_crop=True,
+                host_size=host_size,
                 shuffle_buffer=16,
                 prefetch=0,
                 num_threads=1,
@@ -158,7 +168,16 @@ def test_pipeline_crops_exactly_the_sampled_windows(tmp_path, height, width):
         )
     )
     iterator = data.pretrain_iterator(config, process_index=0, process_count=1)
-    views = np.concatenate([next(iterator)["image"] for _ in range(4)]).astype(np.float64)
+    batches = [next(iterator) for _ in range(4)]
+    if host_size:
+        assert batches[0]["image"].shape == (8, host_size, host_size, 3)
+        assert batches[0]["crop"].shape == (8, 2, 4) and batches[0]["crop"].dtype == np.float32
+        cut = jax.jit(functools.partial(augment.views, config=_no_augment(size)))
+        batches = [
+            {"image": 255 * np.swapaxes(cut(jax.random.key(0), b["image"], boxes=b["crop"]), 0, 1)}
+            for b in batches
+        ]
+    views = np.concatenate([b["image"] for b in batches]).astype(np.float64)
     windows = data.sample_crop_windows(height, width, data._host_seed(3, 0), len(views))
     lo, hi = size // 4, 3 * size // 4
     views, windows = views.reshape(-1, size, size, 3), windows.reshape(-1, 4)

@@ -26,6 +26,7 @@ def make_config(
         manual_dir=None,
         folder=None,
         host_crop=False,
+        host_size=0,
         shuffle_buffer=64,
         prefetch=2,
         num_threads=0,
@@ -305,6 +306,37 @@ def test_image_folder_host_crop_gives_two_different_views(image_folder):
         assert set(batch["label"].tolist()) <= {0, 1}
     for a, b in zip(batches + batches[3:], again + resumed, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_image_folder_host_size_sends_the_union_and_its_boxes(image_folder):
+    config = make_config(
+        "image_folder",
+        batch_size=4,
+        image_size=32,
+        folder=image_folder,
+        host_crop=True,
+        host_size=40,
+        prefetch=0,
+        num_threads=1,
+    )
+    batches = take(data.pretrain_iterator(config, process_index=0, process_count=1), 4)
+    resumed = take(
+        data.pretrain_iterator(config, process_index=0, process_count=1, start_step=2), 2
+    )
+    for batch in batches:
+        assert batch["image"].shape == (4, 40, 40, 3) and batch["image"].dtype == np.uint8
+        boxes = batch["crop"]
+        assert boxes.shape == (4, 2, 4) and boxes.dtype == np.float32
+        # Each window lies inside the union, and together they span it (a JPEG's union may
+        # start up to one 16 px MCU left of both windows).
+        assert (boxes[..., :2] >= 0).all() and (boxes[..., 2:] > 0).all()
+        ends = boxes[..., :2] + boxes[..., 2:]
+        assert (ends <= 40 + 1e-4).all()
+        np.testing.assert_allclose(boxes[..., 0].min(axis=1), 0, atol=1e-6)
+        np.testing.assert_allclose(ends.max(axis=1), 40, atol=1e-4)
+    for a, b in zip(batches[2:], resumed, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["crop"], b["crop"])
 
 
 def test_image_folder_hosts_and_eval_arrays(image_folder):

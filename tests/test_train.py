@@ -153,3 +153,36 @@ def test_batch_not_divisible_by_devices(tmp_path):
         ValueError, match="batch_size=36 must be divisible by the number of devices"
     ):
         train.train_and_evaluate(tiny_config(batch_size=36), str(tmp_path / "b"))
+
+
+def test_step_with_host_sampled_boxes_is_device_count_invariant(runs):
+    """Batches of window unions plus crop boxes (`data.host_size`): 8 devices equal 1."""
+    config, _, (s8, _, _) = runs
+    host_state = jax.device_get(s8)
+    batch = next(data.pretrain_iterator(config, start_step=30))
+    rng = np.random.default_rng(0)
+    side = batch["image"].shape[1]
+    extent = rng.uniform(2, side, (len(batch["label"]), 2, 2)).astype(np.float32)
+    begin = (rng.uniform(0, 1, extent.shape) * (side - extent)).astype(np.float32)
+    batch["crop"] = np.concatenate([begin, extent], axis=-1)  # [B, 2, 4] (y, x, h, w)
+    metrics = []
+    for devices in (jax.devices(), jax.devices()[:1]):
+        mesh = parallel.make_mesh(devices)
+        state = jax.device_put(host_state, parallel.replicated(mesh))
+        _, m = _step_fn(config, mesh)(state, parallel.host_to_global(batch, mesh))
+        metrics.append(jax.device_get(m))
+    for key in ("loss", "contrastive_acc", "linear_loss", "grad_norm"):
+        assert np.isfinite(metrics[0][key]), key
+        np.testing.assert_allclose(metrics[0][key], metrics[1][key], rtol=1e-5, err_msg=key)
+
+
+def test_host_size_needs_host_crop_and_at_least_the_view_size():
+    config = tiny_config("imagenet")
+    config.data.host_size = 256
+    config_base.validate_config(config)
+    config.data.host_size = 4
+    with pytest.raises(config_base.ConfigError, match="data.host_size=4.*image_size=8"):
+        config_base.validate_config(config)
+    config.data.host_crop, config.data.host_size = False, 256
+    with pytest.raises(config_base.ConfigError, match="data.host_size=256.*host_crop"):
+        config_base.validate_config(config)
