@@ -1,10 +1,13 @@
 """On-device SimCLR augmentation throughput (views/sec) for given image sizes.
 
     python benchmarks/augment.py --image_size=32 --image_size=224 --batch_size=256
+    python benchmarks/augment.py --image_size=224 --host_size=256 --batch_size=64
 
 Times `jax.jit(augment.views)` (two views per image, uint8 in, float out) on random images
 already on the device, excluding compile time; prints one table row per size. Sizes <= 64 px use
-the CIFAR settings (jitter 0.5, no blur), larger ones the ImageNet settings (blur p=0.5).
+the CIFAR settings (jitter 0.5, no blur), larger ones the ImageNet settings (blur p=0.5). With
+`--host_size=H` the input is H x H window unions plus crop boxes, as `config.data.host_size`
+feeds them (the views are cut at the boxes instead of at random crops).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run(image_size: int, batch_size: int, steps: int) -> dict:
+def run(image_size: int, batch_size: int, steps: int, host_size: int = 0) -> dict:
     """Compiles and times the two-view augmentation of one batch; returns the table row."""
     import jax
     import numpy as np
@@ -28,24 +31,31 @@ def run(image_size: int, batch_size: int, steps: int) -> dict:
     if image_size <= 64:
         cfg.color_jitter_strength, cfg.blur_prob = 0.5, 0.0
     mesh = parallel.make_mesh()
-    images = np.random.default_rng(0).integers(
-        0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8
-    )
+    rng = np.random.default_rng(0)
+    side = host_size or image_size
+    images = rng.integers(0, 256, (batch_size, side, side, 3), dtype=np.uint8)
     images = jax.device_put(images, parallel.data_sharded(mesh))
-    fn = jax.jit(lambda k, x: augment.views(k, x, cfg, num_views=2))
+    boxes = None
+    if host_size:
+        extent = rng.uniform(0.3 * side, side, (batch_size, 2, 2))
+        begin = rng.uniform(0, 1, extent.shape) * (side - extent)
+        boxes = np.concatenate([begin, extent], -1).astype(np.float32)
+        boxes = jax.device_put(boxes, parallel.data_sharded(mesh))
+    fn = jax.jit(lambda k, x, b: augment.views(k, x, cfg, num_views=2, boxes=b))
     key = jax.random.key(0)
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(key, images))
+    jax.block_until_ready(fn(key, images, boxes))
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(steps):
-        out = fn(jax.random.fold_in(key, i), images)
+        out = fn(jax.random.fold_in(key, i), images, boxes)
     jax.block_until_ready(out)
     dt = (time.perf_counter() - t0) / steps
     dev = jax.devices()[0]
     return {
         "device": f"{jax.device_count()}x {dev.device_kind}",
         "px": image_size,
+        "input": f"{host_size} px + boxes" if host_size else f"{image_size} px",
         "batch": batch_size,
         "blur": cfg.blur_prob,
         "ms_per_batch": dt * 1e3,
@@ -60,10 +70,12 @@ def main() -> None:
     p.add_argument("--image_size", type=int, action="append")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--host_size", type=int, default=0, help="H x H unions plus crop boxes")
     args = p.parse_args()
     from train_step import print_table
 
-    print_table([run(s, args.batch_size, args.steps) for s in args.image_size or [32, 224]])
+    sizes = args.image_size or [32, 224]
+    print_table([run(s, args.batch_size, args.steps, args.host_size) for s in sizes])
 
 
 if __name__ == "__main__":
