@@ -381,20 +381,29 @@ def _resize_uint8(image: Any, size: int) -> Any:
 _DCT_RATIOS = (1, 2, 4, 8)
 
 
-def _decode_jpeg_windows(data: Any, shape: Any, windows: Any, size: int) -> tuple[Any, Any]:
+def _decode_jpeg_windows(
+    data: Any, shape: Any, windows: Any, size: int, union_size: int = 0
+) -> tuple[Any, Any]:
     """Decodes the union of `windows` (int32 [k, 4] y, x, h, w) of a JPEG of `shape`, DCT-scaled.
 
     Returns (uint8 [h, w, 3] union, windows in its pixels). The scale is the smallest 1/r that
     leaves every window at least `size` px on each side, so the resize that follows still only
-    shrinks where it did at full scale. Scaled windows are rounded to whole pixels (at most r/2
+    shrinks where it did at full scale; or, with `union_size`, that leaves the union at least
+    `union_size` px on each side, if smaller (the union is resized to `union_size` next, so
+    its windows lose nothing either). Scaled windows are rounded to whole pixels (at most r/2
     original pixels per edge).
     """
     tf = _tf()
     shape = shape[:2]
+    ratios = tf.constant(_DCT_RATIOS[1:], tf.int32)
     smallest = tf.reduce_min(windows[:, 2:])
-    ratio_index = tf.reduce_sum(
-        tf.cast(smallest >= size * tf.constant(_DCT_RATIOS[1:], tf.int32), tf.int32)
-    )
+    ratio_index = tf.reduce_sum(tf.cast(smallest >= size * ratios, tf.int32))
+    if union_size:
+        extent = tf.reduce_max(windows[:, :2] + windows[:, 2:], axis=0) - tf.reduce_min(
+            windows[:, :2], axis=0
+        )
+        by_union = tf.reduce_sum(tf.cast(tf.reduce_min(extent) >= union_size * ratios, tf.int32))
+        ratio_index = tf.maximum(ratio_index, by_union)
 
     def decode(ratio: int) -> Callable[[], tuple[Any, Any]]:
         def branch() -> tuple[Any, Any]:
@@ -416,18 +425,21 @@ def _decode_jpeg_windows(data: Any, shape: Any, windows: Any, size: int) -> tupl
     return tf.switch_case(ratio_index, [decode(r) for r in _DCT_RATIOS])
 
 
-def _decode_union(data: Any, size: int, seed: int, position: Any) -> tuple[Any, Any]:
+def _decode_union(
+    data: Any, size: int, seed: int, position: Any, union_size: int = 0
+) -> tuple[Any, Any]:
     """The union of a record's two crop windows, uint8 [h, w, 3], and the windows in its pixels.
 
     The image is decoded once: for JPEGs only the union (decoding is most of the cost, and
-    decoding each window separately nearly doubles it), DCT-scaled where the windows allow; other
-    formats whole, then sliced.
+    decoding each window separately nearly doubles it), DCT-scaled where the windows (or, with
+    `union_size`, the union) allow; other formats whole, then sliced.
     """
     tf = _tf()
 
     def jpeg() -> tuple[Any, Any]:
         shape = tf.image.extract_jpeg_shape(data)
-        return _decode_jpeg_windows(data, shape, crop_windows(shape, seed, position), size)
+        windows = crop_windows(shape, seed, position)
+        return _decode_jpeg_windows(data, shape, windows, size, union_size)
 
     def other() -> tuple[Any, Any]:
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
@@ -463,7 +475,7 @@ def _decode_union_resized(
     the windows' coordinates undo.
     """
     tf = _tf()
-    image, windows = _decode_union(data, size, seed, position)
+    image, windows = _decode_union(data, size, seed, position, union_size=host_size)
     scale = host_size / tf.cast(tf.shape(image)[:2], tf.float32)
     boxes = tf.cast(windows, tf.float32) * tf.tile(scale, [2])[None]
     return _resize_uint8(tf.cast(image, tf.float32), host_size), boxes

@@ -339,6 +339,31 @@ def test_image_folder_host_size_sends_the_union_and_its_boxes(image_folder):
         np.testing.assert_array_equal(a["crop"], b["crop"])
 
 
+@pytest.mark.parametrize(
+    "union_size, ratio",
+    [(0, 1), (80, 8), (200, 4), (600, 1)],  # union extent 1000 x 1400: 1000 / 8 >= 80, ...
+)
+def test_jpeg_union_decodes_at_the_coarsest_scale_that_loses_nothing(union_size, ratio):
+    """Small windows far apart: they allow no DCT scaling for 64 px views; the union may.
+
+    With `union_size` the union is scaled as far as keeps it `union_size` px on each side.
+    """
+    import io
+
+    from PIL import Image
+
+    tf = data._tf()
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((1200, 1600, 3), np.uint8)).save(buffer, "JPEG")
+    windows = tf.constant([[100, 96, 100, 100], [1000, 1396, 100, 100]], tf.int32)
+    union, local = data._decode_jpeg_windows(
+        tf.constant(buffer.getvalue()), tf.constant([1200, 1600, 3]), windows, 64, union_size
+    )
+    assert union.shape[0] == 1000 // ratio and abs(union.shape[1] - 1400 // ratio) <= 16 // ratio
+    # Scaled window edges are rounded to whole pixels.
+    np.testing.assert_allclose(local.numpy()[:, 2:], 100 / ratio, atol=1)
+
+
 def test_image_folder_hosts_and_eval_arrays(image_folder):
     config = make_config("image_folder", batch_size=4, image_size=24, folder=image_folder)
     hosts = [
