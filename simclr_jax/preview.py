@@ -46,27 +46,58 @@ def grid_size(num_images: int, num_views: int, cell: int) -> tuple[int, int]:
     return PAD + num_images * (cell + PAD), PAD + (1 + num_views) * (cell + PAD) + SEP
 
 
+def _at_side(images: jax.Array, size: int) -> jax.Array:
+    """uint8 `[B, H, W, 3]` as float [0, 1] `[B, size, size, 3]` (resized when H, W differ)."""
+    src = images.astype(jnp.float32) / 255.0
+    if src.shape[1:3] != (size, size):
+        h, w = src.shape[1:3]
+        src = jax.vmap(lambda im: augment.resize_crop(im, 0, 0, h, w, size))(src)
+    return src
+
+
 def make_views(
-    config: ml_collections.ConfigDict, images: np.ndarray, num_views: int, seed: int = 0
+    config: ml_collections.ConfigDict,
+    images: np.ndarray,
+    num_views: int,
+    seed: int = 0,
+    boxes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sources and views as float [0, 1]: `[B, S, S, 3]` and `[B, num_views, S, S, 3]`.
 
-    Views come from `augment.views` with `config.augment` (training's code path); sources are
-    resized to the views' side S when they differ, so they can sit in the same grid.
+    Views come from `augment.views` with `config.augment` (training's code path; `boxes` are
+    host-sampled crop windows, see `data.host_size`); sources are resized to the views' side S
+    when they differ, so they can sit in the same grid.
     """
     size = config.augment.image_size
 
     @functools.partial(jax.jit, static_argnums=2)
-    def run(key: jax.Array, images: jax.Array, num_views: int) -> tuple[jax.Array, jax.Array]:
-        v = augment.views(key, images, config.augment, num_views)  # [V, B, S, S, 3]
-        src = images.astype(jnp.float32) / 255.0
-        if src.shape[1:3] != (size, size):
-            h, w = src.shape[1:3]
-            src = jax.vmap(lambda im: augment.resize_crop(im, 0, 0, h, w, size))(src)
-        return src, jnp.swapaxes(v, 0, 1)
+    def run(
+        key: jax.Array, images: jax.Array, num_views: int, boxes: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        v = augment.views(key, images, config.augment, num_views, boxes=boxes)  # [V, B, S, S, 3]
+        return _at_side(images, size), jnp.swapaxes(v, 0, 1)
 
-    src, views = run(jax.random.key(seed), jnp.asarray(images, jnp.uint8), num_views)
+    src, views = run(jax.random.key(seed), jnp.asarray(images, jnp.uint8), num_views, boxes)
     return np.asarray(src), np.asarray(views)
+
+
+def training_views(
+    config: ml_collections.ConfigDict, num_images: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training's own two views of the first `num_images` pretraining images (`data.host_size`).
+
+    Sources are the unions of the two windows the host samples on each original image; the
+    views are cut at those windows and augmented, as in the train step.
+    """
+    from simclr_jax import data
+
+    small = config.copy_and_resolve_references()
+    with small.unlocked():
+        small.batch_size = num_images
+        small.data.prefetch = 0
+        small.data.shuffle_buffer = 1  # the first images, without filling a large buffer
+    batch = next(data.pretrain_iterator(small, process_index=0, process_count=1))
+    return make_views(config, batch["image"], 2, seed, boxes=batch["crop"])
 
 
 def make_grid(sources: np.ndarray, views: np.ndarray) -> np.ndarray:
@@ -91,24 +122,32 @@ def preview_augment(
     num_views: int = 6,
     seed: int = 0,
 ) -> str:
-    """Writes `workdir/report/augment.png` (sources + seeded SimCLR views); returns its path."""
+    """Writes `workdir/report/augment.png` (sources + seeded SimCLR views); returns its path.
+
+    With `data.host_crop` and `data.host_size` the rows are training's own two views of the
+    first pretraining images, next to the union of their windows (`training_views`).
+    """
     from simclr_jax import data
 
     if num_images < 1 or num_views < 1:
         raise ValueError(f"num_images={num_images} and num_views={num_views} must be >= 1")
     augment.validate_augment_config(config.augment)
-    if config.data.host_crop:
-        log.warning(
-            "data.host_crop: training crops on the host while decoding; the preview shows the "
-            "device-side augmentations of centre crops only"
-        )
-    # Read only the images shown: a tfds split is not decoded whole for a preview.
-    small = config.copy_and_resolve_references()
-    with small.unlocked():
-        small.data.eval_max_examples = num_images
-    images, _ = data.eval_arrays(small, "train")
-    images = images[:num_images]
-    sources, views = make_views(config, images, num_views, seed)
+    if config.data.host_crop and config.data.host_size:
+        if num_views != 2:
+            log.info("data.host_size: the host samples 2 crop windows per image; showing 2 views")
+        sources, views = training_views(config, num_images, seed)
+    else:
+        if config.data.host_crop:
+            log.warning(
+                "data.host_crop with host_size=0: training crops on the host while decoding; the "
+                "preview shows the device-side augmentations of centre crops only"
+            )
+        # Read only the images shown: a tfds split is not decoded whole for a preview.
+        small = config.copy_and_resolve_references()
+        with small.unlocked():
+            small.data.eval_max_examples = num_images
+        images, _ = data.eval_arrays(small, "train")
+        sources, views = make_views(config, images[:num_images], num_views, seed)
     grid = make_grid(sources, views)
 
     from matplotlib import image as mpimg

@@ -68,3 +68,25 @@ def test_preview_augment_mode(tmp_path):
     path = run_modes.run("preview_augment", small_config(), str(tmp_path), False)
     cell = 8 * preview.cell_scale(8)
     assert mpimg.imread(path).shape[:2] == preview.grid_size(8, 6, cell)
+
+
+def test_host_size_preview_shows_training_views(tmp_path):
+    """With data.host_size the rows are the pipeline's unions and the two views cut from them."""
+    from PIL import Image
+    from tiny import tiny_config
+
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    config = tiny_config("imagenet", dataset="image_folder")
+    config.data.folder = str(tmp_path / "images")
+    config.data.host_size = 12
+    sources, views = preview.training_views(config, num_images=3, seed=1)
+    assert sources.shape == (3, 8, 8, 3) and views.shape == (3, 2, 8, 8, 3)
+    assert np.abs(views[:, 0] - views[:, 1]).mean() > 0.01
+    path = preview.preview_augment(config, str(tmp_path / "run"), num_images=3, num_views=6)
+    cell = 8 * preview.cell_scale(8)
+    assert mpimg.imread(path).shape[:2] == preview.grid_size(3, 2, cell)
