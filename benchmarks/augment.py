@@ -37,10 +37,9 @@ def run(image_size: int, batch_size: int, steps: int, host_size: int = 0) -> dic
     images = jax.device_put(images, parallel.data_sharded(mesh))
     boxes = None
     if host_size:
-        extent = rng.uniform(0.3 * side, side, (batch_size, 2, 2))
-        begin = rng.uniform(0, 1, extent.shape) * (side - extent)
-        boxes = np.concatenate([begin, extent], -1).astype(np.float32)
-        boxes = jax.device_put(boxes, parallel.data_sharded(mesh))
+        from train_step import random_boxes
+
+        boxes = jax.device_put(random_boxes(rng, batch_size, side), parallel.data_sharded(mesh))
     fn = jax.jit(lambda k, x, b: augment.views(k, x, cfg, num_views=2, boxes=b))
     key = jax.random.key(0)
     t0 = time.perf_counter()

@@ -105,9 +105,7 @@ def run(args) -> dict:
         "label": rng.integers(0, 10, (config.batch_size,), dtype=np.int32),
     }
     if args.host_size:  # the union of two windows from the host; the device cuts the views
-        extent = rng.uniform(0.3 * side, side, (config.batch_size, 2, 2))
-        begin = rng.uniform(0, 1, extent.shape) * (side - extent)
-        batch["crop"] = np.concatenate([begin, extent], -1).astype(np.float32)
+        batch["crop"] = random_boxes(rng, config.batch_size, side)
     if args.no_augment:
         config.augment.crop = False
         config.augment.color_jitter_prob = config.augment.grayscale_prob = 0.0
@@ -163,6 +161,15 @@ def run(args) -> dict:
     }
     del jnp
     return row
+
+
+def random_boxes(rng: Any, batch_size: int, side: int) -> Any:
+    """Two crop boxes per image in a `side`-px union: float32 [batch_size, 2, 4] (y, x, h, w)."""
+    import numpy as np
+
+    extent = rng.uniform(0.3 * side, side, (batch_size, 2, 2))
+    begin = rng.uniform(0, 1, extent.shape) * (side - extent)
+    return np.concatenate([begin, extent], -1).astype(np.float32)
 
 
 def profile_top_ops(

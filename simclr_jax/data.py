@@ -381,6 +381,13 @@ def _resize_uint8(image: Any, size: int) -> Any:
 _DCT_RATIOS = (1, 2, 4, 8)
 
 
+def _union_bounds(windows: Any) -> tuple[Any, Any]:
+    """(begin, end) int32 [2] (y, x) of the box spanning `windows` (int32 [k, 4] y, x, h, w)."""
+    tf = _tf()
+    begin = tf.reduce_min(windows[:, :2], axis=0)
+    return begin, tf.reduce_max(windows[:, :2] + windows[:, 2:], axis=0)
+
+
 def _decode_jpeg_windows(
     data: Any, shape: Any, windows: Any, size: int, union_size: int = 0
 ) -> tuple[Any, Any]:
@@ -399,9 +406,8 @@ def _decode_jpeg_windows(
     smallest = tf.reduce_min(windows[:, 2:])
     ratio_index = tf.reduce_sum(tf.cast(smallest >= size * ratios, tf.int32))
     if union_size:
-        extent = tf.reduce_max(windows[:, :2] + windows[:, 2:], axis=0) - tf.reduce_min(
-            windows[:, :2], axis=0
-        )
+        begin, end = _union_bounds(windows)
+        extent = end - begin
         by_union = tf.reduce_sum(tf.cast(tf.reduce_min(extent) >= union_size * ratios, tf.int32))
         ratio_index = tf.maximum(ratio_index, by_union)
 
@@ -444,8 +450,7 @@ def _decode_union(
     def other() -> tuple[Any, Any]:
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
         windows = crop_windows(tf.shape(image), seed, position)
-        begin = tf.reduce_min(windows[:, :2], axis=0)
-        end = tf.reduce_max(windows[:, :2] + windows[:, 2:], axis=0)
+        begin, end = _union_bounds(windows)
         local = tf.concat([windows[:, :2] - begin, windows[:, 2:]], axis=1)
         return image[begin[0] : end[0], begin[1] : end[1]], local
 
