@@ -174,6 +174,27 @@ def _atomic_write(path: str, write: Any) -> None:
     os.replace(tmp, path)
 
 
+def _check_torchvision_layout(model: Mapping[str, Any], export_path: str) -> None:
+    """Refuses encoders torchvision cannot hold; notes where it computes slightly differently."""
+    if float(model.get("sk_ratio", 0.0)) > 0:
+        raise ValueError(
+            f"{export_path} holds a selective-kernel ResNet (model.sk_ratio="
+            f"{model['sk_ratio']}); torchvision has no SK-ResNet layout, so it cannot be exported "
+            "to a torchvision state_dict (use the JAX export, or a plain sk_ratio=0 model)"
+        )
+    if model.get("compat", "torchvision") == "simclr_tf":
+        if RESNET_LAYOUTS[int(model["depth"])][0] == "basic":
+            raise ValueError(
+                f"{export_path} is a ResNet-{model['depth']} in google-research/simclr's layout "
+                "(a projection shortcut in layer1.0) that torchvision's resnet cannot hold"
+            )
+        print(
+            f"note: {export_path} follows google-research/simclr's TF layout; torchvision's stem "
+            "max-pool pads (1, 1) where TF pads (0, 1), so its features differ slightly from "
+            "the JAX/TF ones on even-sized stem maps (e.g. 224 px inputs)"
+        )
+
+
 def export_torch(export_path: str, out_dir: str | None = None) -> dict[str, str]:
     """Converts an export (`checkpoint.export_encoder`) to PyTorch files in `out_dir`.
 
@@ -190,6 +211,7 @@ def export_torch(export_path: str, out_dir: str | None = None) -> dict[str, str]
     out_dir = os.path.abspath(out_dir or os.path.join(os.path.dirname(export_path), "export_torch"))
     variables, meta = checkpoint.load_export(export_path)
     model = meta["model"]
+    _check_torchvision_layout(model, export_path)
     step = int(meta.get("source", {}).get("step", 0))
     params, stats = variables["params"], variables.get("batch_stats", {})
     encoder = encoder_state_dict(params["encoder"], stats["encoder"], int(model["depth"]), step)

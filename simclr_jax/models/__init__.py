@@ -8,9 +8,17 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from simclr_jax.models.heads import LinearHead, ProjectionHead
-from simclr_jax.models.resnet import RESNET_LAYOUTS, STEMS, ResNet, feature_dim, resnet
+from simclr_jax.models.resnet import (
+    COMPATS,
+    RESNET_LAYOUTS,
+    STEMS,
+    ResNet,
+    feature_dim,
+    resnet,
+)
 
 __all__ = [
+    "COMPATS",
     "LinearHead",
     "ProjectionHead",
     "RESNET_LAYOUTS",
@@ -67,6 +75,9 @@ def create_encoder(model_config: Any, bn_axis_name: str | None = None) -> ResNet
         zero_init_last_bn=model_config.zero_init_last_bn,
         bn_axis_name=bn_axis_name,
         dtype=compute_dtype(model_config.dtype),
+        # Exports written before these keys existed are plain torchvision-layout ResNets.
+        sk_ratio=float(model_config.get("sk_ratio", 0.0)),
+        compat=model_config.get("compat", "torchvision"),
     )
 
 

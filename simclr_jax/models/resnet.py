@@ -1,4 +1,5 @@
-"""ResNet v1.5 encoders (stride on the 3x3 conv) with ImageNet or CIFAR stems."""
+"""ResNet v1.5 encoders (stride on the 3x3 conv) with ImageNet or CIFAR stems, and SimCLR v2's
+selective-kernel ResNets (`sk_ratio > 0`, with the ResNet-D stem and shortcuts)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # SimCLR's TF code uses decay 0.9 and epsilon 1e-5; torchvision's eps is also 1e-5, so an
@@ -24,6 +26,14 @@ RESNET_LAYOUTS: dict[int, tuple[str, tuple[int, ...]]] = {
     200: ("bottleneck", (3, 24, 36, 3)),
 }
 STEMS = ("imagenet", "cifar")
+# Which reference a ResNet's small layout details follow. 'torchvision': the stem max-pool pads 1
+# on each side and a block projects its shortcut only when its shape changes (as torchvision, so
+# exports match it). 'simclr_tf': google-research/simclr's TF ResNet, whose max-pool is TF 'SAME'
+# (pads (0, 1) on even maps) and whose first block of every stage projects (ResNet-18/34's first
+# stage too). Convolutions pad the same under both: TF's "fixed padding" of a strided conv is
+# (k-1)//2 before and the rest after, equal to our symmetric k//2 for the odd kernels used here.
+COMPATS = ("torchvision", "simclr_tf")
+SK_MIN_DIM = 32  # the official SK mixing MLP is never narrower than this
 
 
 def _conv(
@@ -52,14 +62,70 @@ def _conv(
     )
 
 
+def _avg_pool_d(x: jnp.ndarray, strides: int) -> jnp.ndarray:
+    """ResNet-D shortcut pooling as google-research/simclr does it: a 2x2 average pool.
+
+    Stride 2 pads one zero row/column at the end and averages over all 4 cells (only odd maps
+    ever reach the pad); stride 1 is a TF 'SAME' pool, averaging the valid cells only.
+    """
+    if strides > 1:
+        return nn.avg_pool(x, (2, 2), (strides, strides), padding=((0, 1), (0, 1)))
+    return nn.avg_pool(x, (2, 2), (1, 1), padding="SAME", count_include_pad=False)
+
+
+class SKConv(nn.Module):
+    """SimCLR v2's selective-kernel 3x3 conv (https://arxiv.org/abs/1903.06586).
+
+    One 3x3 conv makes two streams of `filters` channels (its first and second half of outputs),
+    each BN + ReLU'd; their sum is globally pooled into a 1x1 conv -> BN -> ReLU -> 1x1 conv MLP
+    whose two halves, softmaxed over the streams, weigh them. Both streams are 3x3 as in the
+    official code (not the SK paper's dilated second kernel), so released weights load as they are.
+    """
+
+    filters: int
+    strides: int
+    sk_ratio: float
+    conv: Any
+    norm: Any
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        f = self.filters
+        y = self.conv(2 * f, (3, 3), (self.strides, self.strides), name="conv")(x)
+        y = nn.relu(self.norm(name="bn")(y))
+        streams = jnp.stack([y[..., :f], y[..., f:]])  # [2, B, H, W, f]
+        g = jnp.mean(jnp.sum(streams, axis=0), axis=(1, 2), keepdims=True)
+        mid = max(int(f * self.sk_ratio), SK_MIN_DIM)
+        g = self.conv(mid, (1, 1), name="fc1")(g)
+        g = nn.relu(self.norm(name="fc1_bn")(g))
+        mix = self.conv(2 * f, (1, 1), name="fc2")(g)
+        mix = jax.nn.softmax(jnp.stack([mix[..., :f], mix[..., f:]]), axis=0)
+        return jnp.sum(streams * mix, axis=0)
+
+
+def _shortcut(x, features, strides, sk_ratio, conv, norm) -> jnp.ndarray:
+    """Projection shortcut: strided 1x1 conv, or (ResNet-D, with SK) avg-pool then 1x1 conv."""
+    if sk_ratio > 0:
+        x = _avg_pool_d(x, strides)
+        strides = 1
+    x = conv(features, (1, 1), (strides, strides), name="downsample_conv")(x)
+    return norm(name="downsample_bn")(x)
+
+
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with an identity or projection shortcut."""
+    """Two 3x3 convolutions with an identity or projection shortcut.
+
+    `sk_ratio > 0` switches on only the ResNet-D shortcut: the official SimCLR v2 code has no SK
+    conv in basic blocks.
+    """
 
     filters: int
     strides: int
     conv: Any
     norm: Any
     zero_init_last_bn: bool = False
+    sk_ratio: float = 0.0
+    project: bool = False  # a projection shortcut even when the shape does not change
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -69,43 +135,54 @@ class BasicBlock(nn.Module):
         y = self.conv(self.filters, (3, 3), name="conv2")(y)
         last_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
         y = self.norm(scale_init=last_init, name="bn2")(y)
-        if residual.shape != y.shape:
-            residual = self.conv(
-                self.filters, (1, 1), (self.strides, self.strides), name="downsample_conv"
-            )(residual)
-            residual = self.norm(name="downsample_bn")(residual)
+        if self.project or residual.shape != y.shape:
+            residual = _shortcut(
+                residual, self.filters, self.strides, self.sk_ratio, self.conv, self.norm
+            )
         return nn.relu(residual + y)
 
 
 class BottleneckBlock(nn.Module):
-    """1x1 -> 3x3 (strided, v1.5) -> 1x1 (x4) bottleneck with a projection shortcut."""
+    """1x1 -> 3x3 (strided, v1.5) -> 1x1 (x4) bottleneck with a projection shortcut.
+
+    With `sk_ratio > 0` the 3x3 is an `SKConv` and the shortcut is ResNet-D's (SimCLR v2).
+    """
 
     filters: int
     strides: int
     conv: Any
     norm: Any
     zero_init_last_bn: bool = False
+    sk_ratio: float = 0.0
+    project: bool = False  # a projection shortcut even when the shape does not change
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         residual = x
         y = self.conv(self.filters, (1, 1), name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
-        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv2")(y)
-        y = nn.relu(self.norm(name="bn2")(y))
+        if self.sk_ratio > 0:
+            y = SKConv(
+                self.filters, self.strides, self.sk_ratio, self.conv, self.norm, name="sk_conv2"
+            )(y)
+        else:
+            y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv2")(y)
+            y = nn.relu(self.norm(name="bn2")(y))
         y = self.conv(self.filters * 4, (1, 1), name="conv3")(y)
         last_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
         y = self.norm(scale_init=last_init, name="bn3")(y)
-        if residual.shape != y.shape:
-            residual = self.conv(
-                self.filters * 4, (1, 1), (self.strides, self.strides), name="downsample_conv"
-            )(residual)
-            residual = self.norm(name="downsample_bn")(residual)
+        if self.project or residual.shape != y.shape:
+            residual = _shortcut(
+                residual, self.filters * 4, self.strides, self.sk_ratio, self.conv, self.norm
+            )
         return nn.relu(residual + y)
 
 
 class ResNet(nn.Module):
     """ResNet v1.5 encoder returning globally average-pooled features `[B, C]`.
+
+    `sk_ratio > 0` gives SimCLR v2's SK-ResNet: SK 3x3 convs in bottlenecks and the ResNet-D
+    three-conv stem (3x3/2 at half width, 3x3, 3x3) and avg-pool projection shortcuts.
 
     BatchNorm normalises over the batch axis of its input. Under `jax.jit` on a batch sharded
     over a mesh that batch is the global one, so the statistics are global (SimCLR's global
@@ -120,6 +197,8 @@ class ResNet(nn.Module):
     zero_init_last_bn: bool = False
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
+    sk_ratio: float = 0.0
+    compat: str = "torchvision"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
@@ -135,9 +214,17 @@ class ResNet(nn.Module):
         width = self.base_width * self.width_multiplier
         x = x.astype(self.dtype)
         if self.stem == "imagenet":
-            x = conv(width, (7, 7), (2, 2), name="stem_conv")(x)
+            if self.sk_ratio > 0:  # ResNet-D stem
+                x = conv(width // 2, (3, 3), (2, 2), name="stem_conv1")(x)
+                x = nn.relu(norm(name="stem_bn1")(x))
+                x = conv(width // 2, (3, 3), name="stem_conv2")(x)
+                x = nn.relu(norm(name="stem_bn2")(x))
+                x = conv(width, (3, 3), name="stem_conv")(x)
+            else:
+                x = conv(width, (7, 7), (2, 2), name="stem_conv")(x)
             x = nn.relu(norm(name="stem_bn")(x))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
+            pool_pad = "SAME" if self.compat == "simclr_tf" else [(1, 1), (1, 1)]
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=pool_pad)
         elif self.stem == "cifar":
             x = conv(width, (3, 3), name="stem_conv")(x)
             x = nn.relu(norm(name="stem_bn")(x))
@@ -152,6 +239,8 @@ class ResNet(nn.Module):
                     conv=conv,
                     norm=norm,
                     zero_init_last_bn=self.zero_init_last_bn,
+                    sk_ratio=self.sk_ratio,
+                    project=self.compat == "simclr_tf" and j == 0,
                     name=f"stage{i + 1}_block{j + 1}",
                 )(x)
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -171,7 +260,13 @@ def resnet(
     if stem not in STEMS:
         raise ValueError(f"stem={stem!r} is not supported; allowed: {list(STEMS)}")
     if not isinstance(width_multiplier, int) or width_multiplier < 1:
-        raise ValueError(f"width_multiplier={width_multiplier!r} must be a positive int (1, 2, 4)")
+        raise ValueError(f"width_multiplier={width_multiplier!r} must be a positive int (1, 2, 3)")
+    sk_ratio = kwargs.get("sk_ratio", 0.0)
+    if not isinstance(sk_ratio, (int, float)) or not 0 <= sk_ratio <= 1:
+        raise ValueError(f"sk_ratio={sk_ratio!r} must be in [0, 1] (0: plain, 0.0625: SimCLR v2)")
+    compat = kwargs.get("compat", "torchvision")
+    if compat not in COMPATS:
+        raise ValueError(f"compat={compat!r} is not supported; allowed: {list(COMPATS)}")
     if not isinstance(base_width, int) or base_width < 1:
         raise ValueError(f"base_width={base_width!r} must be a positive int (64 is standard)")
     block, stages = RESNET_LAYOUTS[depth]
