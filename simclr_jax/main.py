@@ -23,6 +23,7 @@ MODES = (
     "finetune",
     "export",
     "export_torch",
+    "import_official",
     "report",
     "preview_augment",
 )
