@@ -15,21 +15,17 @@ def get_config():
     """Returns the digits fine-tuning config."""
     c = sibling_config(__file__, "digits")
     c.init_from = ""  # required: path to a pretraining run's export/ folder
-    c.batch_size = 128
-    c.total_steps = 0
-    c.num_epochs = 30.0
-    c.log_every_steps = 20
 
     c.augment.area_min = 0.5  # milder crops than pretraining: labels must stay readable
-    c.augment.color_jitter_prob = 0.0
-    c.augment.grayscale_prob = 0.0
 
-    c.optim.name = "sgd"  # SimCLR fine-tunes with momentum SGD (LARS for huge batches)
-    c.optim.base_lr = 0.05
-    c.optim.lr_scaling = "linear"
-    c.optim.weight_decay = 0.0
-    c.optim.warmup_epochs = 0.0
-
+    c.finetune.epochs = 30.0
+    c.finetune.batch_size = 128
+    c.finetune.optimizer = "sgd"  # momentum SGD (Nesterov); LARS for huge batches
+    c.finetune.base_lr = 0.05
+    c.finetune.lr_scaling = "linear"  # peak 0.05 x 128 / 256
+    c.finetune.weight_decay = 0.0
+    c.finetune.warmup_epochs = 0.0
     c.finetune.label_fraction = 1.0  # 0.1 and 0.01 as in SimCLR's semi-supervised table
     c.finetune.from_head_layer = 0  # SimCLR v2 fine-tunes from head layer 1 of 3
+    c.finetune.eval_every_epochs = 10.0
     return c

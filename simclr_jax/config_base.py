@@ -66,14 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.depth = 50  # 18, 34, 50, 101, 152, 200
-    c.model.width_multiplier = 1  # 1, 2, 3, 4
+    c.model.width_multiplier = 1  # 1, 2, 4
     c.model.base_width = 64  # stem channels before the width multiplier (64 is standard)
     c.model.stem = "imagenet"  # 'imagenet' (7x7/2 + max-pool) or 'cifar' (3x3/1, no pool)
     c.model.zero_init_last_bn = False  # zero-init each residual branch's last BN scale
-    c.model.sk_ratio = 0.0  # 0: plain ResNet; > 0 (0.0625 in SimCLR v2): SK-ResNet with ResNet-D
-    # 'torchvision' or 'simclr_tf' (google-research/simclr's TF max-pool padding and stage-1
-    # projection; set by --mode=import_official): see simclr_jax/models/resnet.py
-    c.model.compat = "torchvision"
     c.model.head_layers = 2  # projection head depth: 2 SimCLRv1, 3 SimCLRv2
     c.model.head_hidden_dim = 2048
     c.model.head_out_dim = 128
@@ -95,12 +91,46 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 512  # feature-extraction batch (global)
     c.eval.knn_k = 200
     c.eval.knn_temperature = 0.1
-    c.eval.linear_l2 = 1e-4  # L2 penalty of the linear probe (on standardised features)
+    # End-of-run linear probe: config.linear_eval's protocol for this many epochs (a bounded
+    # budget; data.eval_max_examples caps the examples it reads).
+    c.eval.linear_epochs = 10.0
+    # 'features': the fast probe on centre-crop features extracted once (shared with the kNN);
+    # 'streamed': the augmented --mode=linear_eval run, for eval.linear_epochs.
+    c.eval.linear_mode = "features"
 
+    # --mode=linear_eval: SimCLR's protocol (the ImageNet command: 90 epochs, batch 4096,
+    # momentum SGD, LR 0.1 x B/256, no warm-up, weight decay 1e-6), on streamed data.
+    c.linear_eval = ml_collections.ConfigDict()
+    c.linear_eval.epochs = 90.0
+    c.linear_eval.batch_size = 4096  # global; capped at the labelled examples
+    c.linear_eval.optimizer = "sgd"  # 'sgd' (momentum, Nesterov) or 'lars'
+    c.linear_eval.base_lr = 0.1  # peak LR = base_lr x B / 256 (lr_scaling='linear')
+    c.linear_eval.lr_scaling = "linear"  # 'linear', 'sqrt' or 'none' (as optim.lr_scaling)
+    c.linear_eval.momentum = 0.9
+    c.linear_eval.weight_decay = 1e-6
+    c.linear_eval.warmup_epochs = 0.0  # then cosine decay to 0
+    c.linear_eval.augment = True  # random resized crop + flip on device (False: centre crops)
+    c.linear_eval.knn = True  # also the weighted kNN (eval.knn_k, eval.knn_temperature)
+    # True: the fast probe on centre-crop features extracted once (small datasets); False: the
+    # protocol, streamed images with augmentation (the only choice for ImageNet-size data).
+    c.linear_eval.precompute_features = False
+
+    # --mode=finetune: SimCLR v2 semi-supervised fine-tuning (LARS, LR 0.16 x sqrt(B), batch
+    # 1024, no weight decay; 60 epochs on 1% of the labels, 30 on 10%).
     c.finetune = ml_collections.ConfigDict()
     c.finetune.label_fraction = 1.0  # class-balanced, seeded subset of the labels (0.01, 0.1)
+    c.finetune.subset = ""  # '1pct' / '10pct': ImageNet's official subsets; or a file of names
     c.finetune.from_head_layer = 0  # 0: encoder features; k: after k projection-head layers
-    c.finetune.eval_every_epochs = 0  # test accuracy during fine-tuning (0: only at the end)
+    c.finetune.eval_every_epochs = 0.0  # test top-1/top-5 every so many epochs (0: at the end)
+    c.finetune.epochs = 60.0
+    c.finetune.batch_size = 1024  # global; capped at the labelled examples
+    c.finetune.optimizer = "lars"  # 'lars' or 'sgd' (momentum, Nesterov)
+    c.finetune.base_lr = 0.16
+    c.finetune.lr_scaling = "sqrt"
+    c.finetune.momentum = 0.9
+    c.finetune.weight_decay = 0.0
+    c.finetune.warmup_epochs = 0.0  # linear warm-up, then cosine decay over finetune.epochs
+    c.finetune.augment = True  # random resized crop + flip on device
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.enabled = False  # call jax.distributed.initialize (auto on TPU VM / SLURM)
@@ -170,13 +200,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     )
     m = c.model
     _check(m.depth in (18, 34, 50, 101, 152, 200), "model.depth", m.depth, "18/34/50/101/152/200")
-    _check(
-        m.width_multiplier in (1, 2, 3, 4), "model.width_multiplier", m.width_multiplier, "1/2/3/4"
-    )
-    _check(0 <= m.sk_ratio <= 1, "model.sk_ratio", m.sk_ratio, "in [0, 1] (0.0625: SimCLR v2)")
-    _check(
-        m.compat in ("torchvision", "simclr_tf"), "model.compat", m.compat, "torchvision/simclr_tf"
-    )
+    _check(m.width_multiplier in (1, 2, 4), "model.width_multiplier", m.width_multiplier, "1/2/4")
     _check(m.base_width > 0, "model.base_width", m.base_width, "> 0")
     _check(m.stem in ("imagenet", "cifar"), "model.stem", m.stem, "'imagenet' or 'cifar'")
     _check(m.head_layers >= 1, "model.head_layers", m.head_layers, ">= 1")
@@ -195,6 +219,39 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     f = c.finetune
     _check(0 < f.label_fraction <= 1, "finetune.label_fraction", f.label_fraction, "in (0, 1]")
     _check(f.from_head_layer >= 0, "finetune.from_head_layer", f.from_head_layer, ">= 0")
+    _check(f.eval_every_epochs >= 0, "finetune.eval_every_epochs", f.eval_every_epochs, ">= 0")
+    _check(
+        not (f.subset and f.label_fraction < 1),
+        "finetune.label_fraction",
+        f.label_fraction,
+        f"1.0 with finetune.subset={f.subset!r} (a subset already picks the labels)",
+    )
+    for name in ("linear_eval", "finetune"):
+        s = c[name]
+        _check(s.epochs > 0, f"{name}.epochs", s.epochs, "> 0")
+        _check(
+            isinstance(s.batch_size, int) and s.batch_size > 0,
+            f"{name}.batch_size",
+            s.batch_size,
+            "a positive integer",
+        )
+        _check(s.optimizer in ("sgd", "lars"), f"{name}.optimizer", s.optimizer, "'sgd' or 'lars'")
+        _check(s.base_lr > 0, f"{name}.base_lr", s.base_lr, "> 0")
+        _check(
+            s.lr_scaling in ("linear", "sqrt", "none"),
+            f"{name}.lr_scaling",
+            s.lr_scaling,
+            "linear/sqrt/none",
+        )
+        _check(s.weight_decay >= 0, f"{name}.weight_decay", s.weight_decay, ">= 0")
+        _check(s.warmup_epochs >= 0, f"{name}.warmup_epochs", s.warmup_epochs, ">= 0")
+    _check(c.eval.linear_epochs > 0, "eval.linear_epochs", c.eval.linear_epochs, "> 0")
+    _check(
+        c.eval.linear_mode in ("features", "streamed"),
+        "eval.linear_mode",
+        c.eval.linear_mode,
+        "'features' or 'streamed'",
+    )
     _check(c.eval.knn_k > 0, "eval.knn_k", c.eval.knn_k, "> 0")
     _check(c.eval.batch_size > 0, "eval.batch_size", c.eval.batch_size, "> 0")
 

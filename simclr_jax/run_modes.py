@@ -29,19 +29,19 @@ def export(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
 
 
 def linear_eval(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> Any:
-    """Linear probe + kNN of an export (`init_from`) or of the workdir's latest checkpoint."""
-    from simclr_jax import finetune
+    """SimCLR linear evaluation + kNN of an export (`init_from`) or of the workdir checkpoint."""
+    from simclr_jax import linear_eval as job
 
-    return finetune.linear_eval(config, workdir)
+    return job.linear_eval(config, workdir, allow_config_change)
 
 
 def finetune_mode(
     config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
 ) -> Any:
-    """Fine-tunes an exported encoder (`init_from`) with a classifier on labelled data."""
+    """Fine-tunes an exported encoder (`init_from`) on all labels, a fraction or a subset."""
     from simclr_jax import finetune
 
-    return finetune.finetune(config, workdir)
+    return finetune.finetune(config, workdir, allow_config_change)
 
 
 def export_torch_mode(
@@ -56,17 +56,6 @@ def export_torch_mode(
     paths = export_torch.export_torch(source, out)
     print(f"wrote the PyTorch export of {source} to {os.path.dirname(paths['encoder'])}")
     return paths
-
-
-def import_official_mode(
-    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
-) -> str:
-    """Writes `workdir/export/` from an official google-research/simclr TF checkpoint."""
-    from simclr_jax import official_import
-
-    path = official_import.import_official(config, workdir)
-    print(f"imported {config.init_from} into {path}")
-    return path
 
 
 def report_mode(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> str:
@@ -95,7 +84,6 @@ MODES = {
     "linear_eval": linear_eval,
     "finetune": finetune_mode,
     "export_torch": export_torch_mode,
-    "import_official": import_official_mode,
     "report": report_mode,
     "preview_augment": preview_augment_mode,
 }

@@ -1,0 +1,606 @@
+"""Downstream runs on a pretrained encoder: a classifier trained on a streamed labelled split.
+
+Linear evaluation (frozen encoder, BN in inference mode, stop-gradient) and fine-tuning (the whole
+network or from projection-head layer k, global BN) are the same run with a different trainable
+set: `run_classifier`. It is built from pretraining's parts: `data` streams the split per host,
+`parallel` shards batches, `checkpoint` saves and resumes (data position included, so a resumed
+run ends bit-identical to an uninterrupted one), `MetricWriter` logs, `loop` gives preemption,
+cadence and the config guard. The eval split is streamed too, every example exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from simclr_jax import augment, checkpoint, data, loop, models, optim, parallel
+from simclr_jax.metric_writer import MetricWriter
+
+log = logging.getLogger(__name__)
+
+# Keys a resumed downstream run may change: cadence, resources, paths (not what it computes).
+RESUME_SAFE_KEYS = (
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "keep_period",
+    "monitor_every_steps",
+    "finetune.eval_every_epochs",
+    "eval.batch_size",
+    "data.prefetch",
+    "data.num_threads",
+    "data.data_dir",
+    "data.manual_dir",
+    "distributed.",
+)
+
+
+class Classifier(nn.Module):
+    """Encoder (+ the first k projection-head layers, SimCLR v2) + a zero-initialised linear layer.
+
+    `freeze` stops gradients at the features (linear evaluation).
+    """
+
+    encoder: models.ResNet
+    head: models.ProjectionHead | None
+    num_classes: int
+    freeze: bool = False
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+        h = self.encoder(x, train=train)
+        if self.head is not None:
+            h = self.head(h, train=train)[-1]
+        if self.freeze:
+            h = jax.lax.stop_gradient(h)
+        dense = nn.Dense(
+            self.num_classes,
+            dtype=jnp.float32,
+            kernel_init=nn.initializers.zeros,
+            name="classifier",
+        )
+        return dense(h.astype(jnp.float32))
+
+
+class ClassifierState(flax.struct.PyTreeNode):
+    """What a downstream run needs to continue: step, trainable params and BN stats, optimizer."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A pretrained encoder: architecture, exported variables and where they came from."""
+
+    model_config: ml_collections.ConfigDict
+    variables: dict[str, Any]  # {'params'|'batch_stats': {'encoder': ..., 'head': ...}}
+    path: str
+
+
+def load_source(config: ml_collections.ConfigDict, job: str, fallback: str = "") -> Source:
+    """The export at `config.init_from`; refuses an empty one (`fallback` says what else works)."""
+    if not config.init_from:
+        raise ValueError(
+            f"--mode={job} needs --config.init_from=EXPORT (a pretraining run's export/ "
+            f"folder){fallback}; config.init_from is empty."
+        )
+    variables, meta = checkpoint.load_export(config.init_from)
+    return Source(ml_collections.ConfigDict(meta["model"]), variables, config.init_from)
+
+
+def source_from_state(model_config: ml_collections.ConfigDict, state: Any, path: str) -> Source:
+    """A pretraining train state's encoder and head as a Source (numpy, off the devices)."""
+    params, stats = jax.device_get((state.params, state.batch_stats))
+    variables = {
+        "params": {"encoder": params["encoder"], "head": params.get("head", {})},
+        "batch_stats": {"encoder": stats["encoder"], "head": stats.get("head", {})},
+    }
+    return Source(model_config, variables, path)
+
+
+def build_classifier(
+    model_config: ml_collections.ConfigDict, from_head_layer: int, num_classes: int, freeze: bool
+) -> Classifier:
+    """Classifier on the source architecture, starting after `from_head_layer` head layers."""
+    if not 0 <= from_head_layer <= model_config.head_layers:
+        raise ValueError(
+            f"finetune.from_head_layer={from_head_layer} is invalid: the export's projection head "
+            f"has {model_config.head_layers} layers (allowed 0..{model_config.head_layers})"
+        )
+    head = None
+    if from_head_layer > 0:
+        head = models.ProjectionHead(
+            num_layers=model_config.head_layers,
+            num_used=from_head_layer,
+            hidden_dim=model_config.head_hidden_dim,
+            out_dim=model_config.head_out_dim,
+            use_bn=model_config.head_bn,
+            dtype=models.compute_dtype(model_config.dtype),
+        )
+    return Classifier(models.create_encoder(model_config), head, num_classes, freeze)
+
+
+def initial_variables(model: Classifier, source: Source, image_size: int) -> dict[str, Any]:
+    """Classifier variables: encoder (and used head layers) from the source, zero linear layer.
+
+    Raises `CheckpointError` naming the first leaf whose shape differs from the architecture.
+    """
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), False)
+    )
+    out: dict[str, Any] = {"params": {}, "batch_stats": {}}
+    for col in ("params", "batch_stats"):
+        for part, want in shapes.get(col, {}).items():
+            if part == "classifier":
+                out[col][part] = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), want)
+                continue
+            have = source.variables.get(col, {}).get(part)
+            try:
+                got = {k: have[k] for k in want} if have is not None else None
+            except KeyError as e:
+                got, missing = None, e
+            else:
+                missing = None
+            if got is None or jax.tree.structure(got) != jax.tree.structure(want):
+                raise checkpoint.CheckpointError(
+                    f"{source.path}: its {col}/{part} does not match the architecture in its "
+                    f"description (missing {missing or 'leaves'}); model {source.model_config}"
+                )
+            for (path, a), b in zip(
+                jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want), strict=True
+            ):
+                if tuple(np.shape(a)) != tuple(b.shape):
+                    raise checkpoint.CheckpointError(
+                        f"{source.path}: {col}/{part}{jax.tree_util.keystr(path)} has shape "
+                        f"{tuple(np.shape(a))}, the architecture in its description needs "
+                        f"{tuple(b.shape)}: the export does not match its export.json"
+                    )
+            out[col][part] = got
+    return out
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """bool [B]: whether each label is among the k largest logits (k capped at the classes)."""
+    k = min(k, logits.shape[-1])
+    return jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+
+
+def train_augment_config(config: ml_collections.ConfigDict, enabled: bool) -> Any:
+    """SimCLR's train-time preprocessing for supervised heads: random resized crop + flip only."""
+    cfg = augment.default_augment_config(config.augment.image_size)
+    cfg.crop = enabled
+    cfg.area_min = config.augment.area_min
+    cfg.flip = enabled and config.augment.flip
+    cfg.color_jitter_prob = cfg.grayscale_prob = cfg.blur_prob = cfg.solarize_prob = 0.0
+    return cfg
+
+
+def _train_step(
+    state: ClassifierState,
+    frozen: Any,
+    batch: dict[str, jax.Array],
+    *,
+    model: Classifier,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    aug_cfg: Any,
+    seed: int,
+) -> tuple[ClassifierState, dict[str, jax.Array]]:
+    """One supervised update on a crop + flip view; BN statistics are global (the whole batch)."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 11), state.step)
+    x = augment.views(key, batch["image"], aug_cfg, num_views=1)[0]
+
+    def loss_fn(params):
+        variables = {
+            "params": {**frozen["params"], **params},
+            "batch_stats": {**frozen["batch_stats"], **state.batch_stats},
+        }
+        if model.freeze:  # linear evaluation: BN in inference mode, nothing but the head learns
+            logits, stats = model.apply(variables, x, train=False), state.batch_stats
+        else:
+            logits, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
+            stats = new["batch_stats"]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        return loss, (logits, stats)
+
+    (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state)
+    return new, {
+        "loss": loss,
+        "train_top1": jnp.mean(topk_correct(logits, batch["label"], 1)),
+        "lr": schedule(state.step),
+        "grad_norm": optax.tree.norm(grads),
+    }
+
+
+def _eval_counts(variables: Any, batch: dict[str, jax.Array], *, model: Classifier) -> jax.Array:
+    """[3] int32: top-1 hits, top-5 hits and valid rows of a padded eval batch."""
+    x = batch["image"].astype(jnp.float32) / 255.0
+    logits = model.apply(variables, x, train=False)
+    mask = batch["mask"]
+    return jnp.stack(
+        [
+            jnp.sum(topk_correct(logits, batch["label"], 1) & mask),
+            jnp.sum(topk_correct(logits, batch["label"], 5) & mask),
+            jnp.sum(mask),
+        ]
+    ).astype(jnp.int32)
+
+
+def evaluate_classifier(
+    config: ml_collections.ConfigDict,
+    model: Classifier,
+    variables: Any,
+    mesh: Mesh,
+    *,
+    max_examples: int = 0,
+) -> dict[str, float]:
+    """`{'top1', 'top5', 'num_examples'}` on the whole test split, streamed per host."""
+    rep = parallel.replicated(mesh)
+    fn = loop.cached(
+        ("eval_counts", repr(model), mesh),
+        lambda: jax.jit(
+            functools.partial(_eval_counts, model=model),
+            in_shardings=(rep, parallel.data_sharded(mesh)),
+            out_shardings=rep,
+        ),
+    )
+    batches, n = data.eval_batches(
+        config, "test", global_batch(config.eval.batch_size, mesh), max_examples=max_examples
+    )
+    total = jnp.zeros((3,), jnp.int32)
+    for _ in range(n):
+        total = total + fn(variables, parallel.host_to_global(next(batches), mesh))
+    hits1, hits5, count = (int(v) for v in jax.device_get(total))
+    return {"top1": hits1 / max(count, 1), "top5": hits5 / max(count, 1), "num_examples": count}
+
+
+def global_batch(batch_size: int, mesh: Mesh, limit: int = 0) -> int:
+    """`batch_size` (at most `limit`) rounded down to a multiple of the devices (at least one)."""
+    n = mesh.devices.size
+    if limit:
+        batch_size = min(batch_size, limit)
+    return max(n, batch_size // n * n)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_run_dir(
+    config: ml_collections.ConfigDict, run_dir: str, job: str, allow_change: bool
+) -> None:
+    """Refuses a run dir of another job, or one whose saved config differs (RESUME_SAFE_KEYS)."""
+    marker = os.path.join(run_dir, "job.json")
+    has_checkpoints = os.path.isdir(checkpoint.checkpoint_dir(run_dir))
+    saved_job = None
+    if os.path.exists(marker):
+        with open(marker) as f:
+            saved_job = json.load(f).get("job")
+    other = saved_job or ("pretraining" if has_checkpoints else None)
+    if other not in (None, job):
+        raise ValueError(
+            f"{run_dir} holds a {other} run; --mode={job} needs its own --workdir (nothing there "
+            "was changed)."
+        )
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = _flat(json.load(f))
+    new = _flat(json.loads(config.to_json_best_effort()))
+    diffs = [
+        f"{k}: {saved.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+        for k in sorted(set(saved) | set(new))
+        if not k.startswith(RESUME_SAFE_KEYS) and saved.get(k) != new.get(k)
+    ]
+    if diffs and not allow_change:
+        lines = "\n  ".join(diffs)
+        raise ValueError(
+            f"{run_dir} holds a {job} run with a different config; resuming would change it:\n"
+            f"  {lines}\nUse another --workdir, or pass --allow_config_change to resume anyway."
+        )
+
+
+@dataclasses.dataclass
+class ClassifierRun:
+    """What `run_classifier` trains: model, starting variables, data selection and schedule."""
+
+    job: str  # 'linear_eval' | 'finetune' (names the run dir's job and the metrics)
+    model: Classifier
+    variables: dict[str, Any]  # all classifier variables (from `initial_variables`)
+    section: ml_collections.ConfigDict  # epochs, batch_size, optimizer, base_lr, ... keys
+    keep: np.ndarray | None = None  # train indices used (label fraction), None: all
+    subset: str = ""  # official subset name (tfds builder)
+    eval_every_epochs: float = 0.0
+    max_examples: int = 0  # cap on train and test examples (bounded end-of-run evaluation)
+
+
+def make_optimizer(
+    section: ml_collections.ConfigDict,
+    params: Any,
+    batch: int,
+    total: int,
+    spe: int,
+    lars_tc: float,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`optim.make_optimizer` on a downstream section's keys (warm-up + cosine over the run)."""
+    oc = ml_collections.ConfigDict(
+        {
+            "batch_size": batch,
+            "total_steps": total,
+            "num_epochs": float(section.epochs),
+            "optim": {
+                "name": section.optimizer,
+                "base_lr": section.base_lr,
+                "lr_scaling": section.lr_scaling,
+                "weight_decay": section.weight_decay,
+                "momentum": section.momentum,
+                "trust_coefficient": lars_tc,
+                "warmup_epochs": section.warmup_epochs,
+                "grad_clip_norm": 0.0,
+            },
+        }
+    )
+    return optim.make_optimizer(oc, params, spe)
+
+
+def run_classifier(
+    config: ml_collections.ConfigDict,
+    run: ClassifierRun,
+    mesh: Mesh,
+    run_dir: str | None,
+    *,
+    allow_change: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Trains `run.model`'s trainable part on the streamed train split; evaluates on the test split.
+
+    With a `run_dir`: orbax checkpoints, automatic resume (bit-identical to an uninterrupted
+    run), `metrics.jsonl` + TensorBoard and `config.json` there. Returns `{'top1', 'top5',
+    'num_labels', 'steps', 'epochs', 'history', 'variables', 'preempted'}`.
+    """
+    sec = run.section
+    num_labels = data.labelled_size(
+        config, "train", keep=run.keep, subset=run.subset, max_examples=run.max_examples
+    )
+    keep = run.keep
+    if run.max_examples and keep is None and not run.subset:
+        keep = np.arange(num_labels)
+    batch = global_batch(sec.batch_size, mesh, num_labels)
+    if batch > num_labels:
+        raise ValueError(f"{num_labels} labelled examples are fewer than the {batch} devices.")
+    spe = max(num_labels // batch, 1)
+    total = max(int(round(sec.epochs * spe)), 1)
+    freeze = run.model.freeze
+    trainable = {
+        k: v for k, v in run.variables["params"].items() if k == "classifier" or not freeze
+    }
+    frozen = {
+        "params": {k: v for k, v in run.variables["params"].items() if k not in trainable},
+        "batch_stats": {} if not freeze else run.variables["batch_stats"],
+    }
+    stats = {} if freeze else run.variables["batch_stats"]
+    tx, schedule = make_optimizer(sec, trainable, batch, total, spe, config.optim.trust_coefficient)
+    rep = parallel.replicated(mesh)
+
+    def init() -> ClassifierState:
+        return ClassifierState(jnp.zeros((), jnp.int32), trainable, stats, tx.init(trainable))
+
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), jax.eval_shape(init)
+    )
+    manager, start = None, 0
+    if run_dir is not None:
+        check_run_dir(config, run_dir, run.job, allow_change)
+        manager = checkpoint.create_manager(run_dir, keep=config.keep_checkpoints)
+        restored = checkpoint.restore_latest(manager, abstract, run_dir)
+        if restored is not None:
+            state, _, start = restored
+            log.info("%s: resumed from step %d of %d", run.job, start, total)
+        parallel.barrier(f"simclr_{run.job}_config_checked")
+        loop.write_config(config, run_dir)
+        if jax.process_index() == 0:
+            with open(os.path.join(run_dir, "job.json"), "w") as f:
+                json.dump({"job": run.job}, f)
+    if start == 0:
+        state = jax.device_put(init(), rep)
+    frozen = jax.device_put(frozen, rep)
+    aug_cfg = train_augment_config(config, bool(sec.get("augment", True)))
+    key = (
+        "train_step",
+        repr(run.model),
+        sec.to_json(sort_keys=True),
+        aug_cfg.to_json(sort_keys=True),
+        config.seed,
+        batch,
+        total,
+        spe,
+        config.optim.trust_coefficient,
+        tuple(sorted(frozen["params"])),
+        mesh,
+    )
+    step_fn = loop.cached(
+        key,
+        lambda: jax.jit(
+            functools.partial(
+                _train_step,
+                model=run.model,
+                tx=tx,
+                schedule=schedule,
+                aug_cfg=aug_cfg,
+                seed=config.seed,
+            ),
+            in_shardings=(rep, rep, parallel.data_sharded(mesh)),
+            out_shardings=(rep, rep),
+            donate_argnums=(0,),
+        ),
+    )
+
+    def variables_of(s: ClassifierState) -> dict[str, Any]:
+        return {
+            "params": {**frozen["params"], **s.params},
+            "batch_stats": {**frozen["batch_stats"], **s.batch_stats},
+        }
+
+    def evaluate(s: ClassifierState) -> dict[str, float]:
+        return evaluate_classifier(
+            config, run.model, variables_of(s), mesh, max_examples=run.max_examples
+        )
+
+    eval_every = int(round(run.eval_every_epochs * spe)) if run.eval_every_epochs else 0
+    writer = MetricWriter(run_dir, enabled=None) if run_dir else MetricWriter("", enabled=False)
+    history: list[dict[str, float]] = []
+    is_main = jax.process_index() == 0
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total,
+        initial=start,
+        disable=not (is_main and show_progress),
+        unit="step",
+        dynamic_ncols=True,
+        desc=run.job,
+    )
+    log.info(
+        "%s: %d labelled examples, %d steps (%d per epoch), global batch %d on %d devices",
+        run.job,
+        num_labels,
+        total,
+        spe,
+        batch,
+        mesh.devices.size,
+    )
+    step, preempted = start, False
+    host_iter = None
+    try:
+        if step < total:
+            host_iter = data.labelled_train_iterator(
+                config,
+                batch,
+                keep=keep,
+                subset=run.subset,
+                augment=bool(sec.get("augment", True)),
+                seed=config.seed,
+                start_step=start,
+            )
+            batches = loop.device_batches(host_iter, mesh)
+        t_last, step_last = time.perf_counter(), step
+        with loop.Preemption() as preemption:
+            while step < total:
+                state, metrics = step_fn(state, frozen, next(batches))
+                step += 1
+                bar.update(1)
+                if loop.itstime(step, config.log_every_steps, total):
+                    m = loop.host_metrics(metrics)
+                    if not np.isfinite(m["loss"]):
+                        raise FloatingPointError(
+                            f"{run.job} loss is {m['loss']} at step {step} (steps "
+                            f"{step_last + 1}..{step}); lower {run.job}.base_lr"
+                        )
+                    now = time.perf_counter()
+                    m["images_per_sec"] = (step - step_last) * batch / (now - t_last)
+                    m["epoch"] = step / spe
+                    t_last, step_last = now, step
+                    writer.write(step, m)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['train_top1']:.2f}")
+                if eval_every and step < total and step % eval_every == 0:
+                    ev = evaluate(state)
+                    history.append({"step": step, "epoch": step / spe, **ev})
+                    writer.write(step, {"eval_top1": ev["top1"], "eval_top5": ev["top5"]})
+                preempted = preemption.requested or (
+                    manager is not None and manager.reached_preemption(step)
+                )
+                if manager is not None and (
+                    preempted or loop.itstime(step, config.checkpoint_every_steps, total)
+                ):
+                    checkpoint.save(manager, step, state, {"step": step, "data_step": step})
+                if preempted:
+                    log.warning(
+                        "%s stopped at step %d (preemption); rerun to resume", run.job, step
+                    )
+                    break
+        if manager is not None:
+            if not preempted and manager.latest_step() != total:
+                checkpoint.save(manager, total, state, {"step": step, "data_step": step})
+            manager.wait_until_finished()
+    finally:
+        bar.close()
+        if host_iter is not None and hasattr(host_iter, "close"):
+            host_iter.close()
+        if manager is not None:
+            manager.close()
+    result: dict[str, Any] = {
+        "num_labels": int(num_labels),
+        "steps": int(total),
+        "epochs": float(sec.epochs),
+        "batch_size": int(batch),
+        "preempted": preempted,
+    }
+    if not preempted:
+        ev = evaluate(state)
+        history.append({"step": total, "epoch": total / spe, **ev})
+        writer.write(total, {"eval_top1": ev["top1"], "eval_top5": ev["top5"]})
+        result.update(top1=ev["top1"], top5=ev["top5"], num_test_examples=ev["num_examples"])
+    writer.close()
+    result["history"] = history
+    result["variables"] = variables_of(state)
+    return result
+
+
+def write_result(workdir: str, name: str, result: dict[str, Any]) -> str:
+    """Writes `workdir/<name>.json` (process 0) from a result without its arrays; returns path."""
+    path = os.path.join(workdir, f"{name}.json")
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        clean = {k: v for k, v in result.items() if k != "variables"}
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(clean, f, indent=2, default=float)
+        os.replace(tmp, path)
+    return path
+
+
+def apply_encoder(model: Classifier) -> Callable[[Any, jax.Array], jax.Array]:
+    """`(classifier variables, float images) -> pooled features` in inference mode (for kNN).
+
+    One function per architecture, so feature extraction compiles once per process.
+    """
+
+    def make() -> Callable[[Any, jax.Array], jax.Array]:
+        def apply(variables: Any, x: jax.Array) -> jax.Array:
+            enc = {
+                "params": variables["params"]["encoder"],
+                "batch_stats": variables["batch_stats"]["encoder"],
+            }
+            return model.encoder.apply(enc, x, train=False)
+
+        return apply
+
+    return loop.cached(("apply_encoder", repr(model.encoder)), make)

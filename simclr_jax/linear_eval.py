@@ -1,0 +1,69 @@
+"""`--mode=linear_eval`: the SimCLR linear-evaluation protocol as a streamed, resumable run.
+
+A zero-initialised linear classifier on the frozen encoder's pooled features (BN in inference
+mode, stop-gradient), trained on the streamed train split with the device's random resized crop
++ flip, momentum SGD (Nesterov) or LARS, then top-1 / top-5 on the whole eval split (centre crop)
+and the weighted kNN. Keys: `config.linear_eval.*`; results: `WORKDIR/linear_eval.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from simclr_jax import config_base, data, downstream, knn, parallel
+
+log = logging.getLogger(__name__)
+
+
+def run_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Where the run keeps checkpoints and metrics: the workdir, or `workdir/linear_eval/` when
+    it evaluates the workdir's own pretraining checkpoint."""
+    return workdir if config.init_from else os.path.join(workdir, "linear_eval")
+
+
+def linear_eval(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False
+) -> dict[str, Any]:
+    """Linear evaluation of `config.init_from` (or of `workdir`'s latest checkpoint)."""
+    config_base.validate_config(config)
+    parallel.maybe_initialize_distributed(config)
+    mesh = parallel.make_mesh()
+    info = data.dataset_info(config)
+    if config.init_from:
+        source = downstream.load_source(config, "linear_eval")
+    else:
+        from simclr_jax import checkpoint, train
+
+        if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+            downstream.load_source(config, "linear_eval", " or a --workdir with checkpoints/")
+        state, _ = train.restore_for_inference(config, workdir)
+        source = downstream.source_from_state(config.model, state, os.path.abspath(workdir))
+    model = downstream.build_classifier(source.model_config, 0, info.num_classes, freeze=True)
+    variables = downstream.initial_variables(model, source, config.augment.image_size)
+    section = config.linear_eval
+    run = downstream.ClassifierRun("linear_eval", model, variables, section)
+    result = downstream.run_classifier(
+        config, run, mesh, run_dir(config, workdir), allow_change=allow_config_change
+    )
+    if result["preempted"]:
+        return result
+    if section.knn:
+        k = knn.knn_evaluate(
+            downstream.apply_encoder(model), result["variables"], config, mesh, info.num_classes
+        )
+        result.update(knn_top1=k["top1"], knn_top5=k["top5"])
+    result.update(source=os.path.abspath(source.path), job="linear_eval", config=config.to_dict())
+    downstream.write_result(workdir, "linear_eval", result)
+    if jax.process_index() == 0:
+        knn_text = f"   kNN top-1 {result['knn_top1']:.4f}" if section.knn else ""
+        print(
+            f"linear eval top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}{knn_text}  "
+            f"({result['num_labels']} labels, {section.epochs:g} epochs, {source.path})",
+            flush=True,
+        )
+    return result
