@@ -58,6 +58,17 @@ def export_torch_mode(
     return paths
 
 
+def import_official_mode(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
+) -> str:
+    """Writes `workdir/export/` from an official google-research/simclr TF checkpoint."""
+    from simclr_jax import official_import
+
+    path = official_import.import_official(config, workdir)
+    print(f"imported {config.init_from} into {path}")
+    return path
+
+
 def report_mode(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> str:
     """Writes `workdir/report/` (plots, evaluation table, index.html) from the run's files."""
     from simclr_jax import report
@@ -84,6 +95,7 @@ MODES = {
     "linear_eval": linear_eval,
     "finetune": finetune_mode,
     "export_torch": export_torch_mode,
+    "import_official": import_official_mode,
     "report": report_mode,
     "preview_augment": preview_augment_mode,
 }
