@@ -109,7 +109,12 @@ def test_sk_model_loss_and_grads_sharded_equal_single_device():
     head = ProjectionHead(num_layers=3, hidden_dim=16, out_dim=8)
     model = SimCLRModel(encoder=encoder, head=head, num_classes=10)
     x = jax.random.uniform(jax.random.key(1), (16, 12, 12, 3))
-    variables = model.init(jax.random.key(0), x[:2], train=False)
+    # Random variables from the shapes alone: an init would cost one more XLA compile.
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:2], train=False))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), jnp.float32), shapes
+    )
 
     def loss_fn(params, batch):
         out, _ = model.apply(
