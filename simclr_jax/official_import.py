@@ -73,6 +73,14 @@ def _checkpoint_prefix(path: str) -> str:
         if os.path.exists(saved_model + ".index"):
             return saved_model
         latest = tf.train.latest_checkpoint(path)
+        if latest is None:  # no 'checkpoint' file (tf.train.Checkpoint.write): a lone prefix
+            prefixes = sorted(f[: -len(".index")] for f in os.listdir(path) if f.endswith(".index"))
+            if len(prefixes) > 1:
+                raise CheckpointError(
+                    f"{path} holds several checkpoints ({', '.join(prefixes)}) and no "
+                    "'checkpoint' file naming the latest; pass one of them as the prefix"
+                )
+            latest = os.path.join(path, prefixes[0]) if prefixes else None
         if latest is None:
             raise CheckpointError(
                 f"{path} holds no TensorFlow checkpoint (no 'checkpoint' file, *.index or "

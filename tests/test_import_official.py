@@ -117,6 +117,16 @@ def test_reimport_replaces_but_a_foreign_export_is_kept(official, tmp_path):
     _, paths = official["r18"]
     _import(paths["tf2"], str(tmp_path))
     _import(paths["tf2"], str(tmp_path))  # the same source again: replaced
+    # a directory with one checkpoint and no 'checkpoint' file (tf.train.Checkpoint.write)
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    for f in os.listdir(os.path.dirname(paths["tf2"])):
+        if f.startswith("ckpt-7"):
+            shutil.copy(os.path.join(os.path.dirname(paths["tf2"]), f), lone / f)
+    _, meta = _import(str(lone), str(tmp_path / "w_lone"))
+    assert meta["source"]["checkpoint_prefix"] == str(lone / "ckpt-7")
+    msg = _one_line_error(os.path.dirname(paths["tf2"]), str(tmp_path / "w2"), "several check")
+    assert "ckpt-7" in msg and "model.ckpt-7" in msg
     with pytest.raises(checkpoint.CheckpointError, match="already holds an export"):
         _import(paths["tf1"], str(tmp_path))
 
