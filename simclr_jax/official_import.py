@@ -64,17 +64,23 @@ _ALIASES = frozenset(
 )
 
 
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
 def _checkpoint_prefix(path: str) -> str:
     """The checkpoint prefix (`.../ckpt-N`) that `path` names; CheckpointError if there is none."""
     import tensorflow as tf
 
-    if os.path.isdir(path):
+    gfile = tf.io.gfile  # local paths, and gs:// where TensorFlow has GCS support
+    if gfile.isdir(path):
         saved_model = os.path.join(path, "variables", "variables")
-        if os.path.exists(saved_model + ".index"):
+        if gfile.exists(saved_model + ".index"):
             return saved_model
         latest = tf.train.latest_checkpoint(path)
         if latest is None:  # no 'checkpoint' file (tf.train.Checkpoint.write): a lone prefix
-            prefixes = sorted(f[: -len(".index")] for f in os.listdir(path) if f.endswith(".index"))
+            index = [f for f in gfile.listdir(path) if f.endswith(".index")]
+            prefixes = sorted(f[: -len(".index")] for f in index)
             if len(prefixes) > 1:
                 raise CheckpointError(
                     f"{path} holds several checkpoints ({', '.join(prefixes)}) and no "
@@ -92,7 +98,7 @@ def _checkpoint_prefix(path: str) -> str:
             path = path[: -len(ext)]
     if ".data-" in os.path.basename(path):
         path = path[: path.rindex(".data-")]
-    if not os.path.exists(path + ".index"):
+    if not gfile.exists(path + ".index"):
         raise CheckpointError(
             f"{path} is not a TensorFlow checkpoint ({path}.index does not exist); give the "
             "prefix of an official checkpoint (e.g. .../ckpt-1 or .../model.ckpt-250228)"
@@ -257,7 +263,7 @@ def _copy(ckpt, entries, names, params, stats, used) -> None:
 
 def read_official(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """An official checkpoint as `(variables, model_config, info)` in our export's layout."""
-    path = os.path.abspath(path)
+    path = _absolute(path)
     ckpt = _Checkpoint(path)
     model_config, names = _encoder(ckpt)
     params: dict[str, Any] = {"encoder": {}}
@@ -332,7 +338,7 @@ def import_official(config: Any, workdir: str) -> str:
             "--mode=import_official needs --config.init_from=PATH of an official SimCLR TF "
             "checkpoint (ckpt-N, model.ckpt-N, or a SavedModel directory)"
         )
-    source = os.path.abspath(config.init_from)
+    source = _absolute(config.init_from)
     out = checkpoint.export_dir(workdir)
     meta_path = os.path.join(out, "export.json")
     if os.path.exists(out):
