@@ -66,10 +66,14 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.depth = 50  # 18, 34, 50, 101, 152, 200
-    c.model.width_multiplier = 1  # 1, 2, 4
+    c.model.width_multiplier = 1  # 1, 2, 3, 4
     c.model.base_width = 64  # stem channels before the width multiplier (64 is standard)
     c.model.stem = "imagenet"  # 'imagenet' (7x7/2 + max-pool) or 'cifar' (3x3/1, no pool)
     c.model.zero_init_last_bn = False  # zero-init each residual branch's last BN scale
+    c.model.sk_ratio = 0.0  # 0: plain ResNet; > 0 (0.0625 in SimCLR v2): SK-ResNet with ResNet-D
+    # 'torchvision' or 'simclr_tf' (google-research/simclr's TF max-pool padding and stage-1
+    # projection; set by --mode=import_official): see simclr_jax/models/resnet.py
+    c.model.compat = "torchvision"
     c.model.head_layers = 2  # projection head depth: 2 SimCLRv1, 3 SimCLRv2
     c.model.head_hidden_dim = 2048
     c.model.head_out_dim = 128
@@ -200,7 +204,13 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     )
     m = c.model
     _check(m.depth in (18, 34, 50, 101, 152, 200), "model.depth", m.depth, "18/34/50/101/152/200")
-    _check(m.width_multiplier in (1, 2, 4), "model.width_multiplier", m.width_multiplier, "1/2/4")
+    _check(
+        m.width_multiplier in (1, 2, 3, 4), "model.width_multiplier", m.width_multiplier, "1/2/3/4"
+    )
+    _check(0 <= m.sk_ratio <= 1, "model.sk_ratio", m.sk_ratio, "in [0, 1] (0.0625: SimCLR v2)")
+    _check(
+        m.compat in ("torchvision", "simclr_tf"), "model.compat", m.compat, "torchvision/simclr_tf"
+    )
     _check(m.base_width > 0, "model.base_width", m.base_width, "> 0")
     _check(m.stem in ("imagenet", "cifar"), "model.stem", m.stem, "'imagenet' or 'cifar'")
     _check(m.head_layers >= 1, "model.head_layers", m.head_layers, ">= 1")
