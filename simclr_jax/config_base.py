@@ -6,14 +6,17 @@ from typing import Any
 
 import ml_collections
 
-METHODS = ("simclr", "moco")
+from simclr_jax import methods
+from simclr_jax.config_checks import ConfigError, check
+
+__all__ = ["ConfigError", "base_config", "config_diff", "sibling_config", "validate_config"]
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "imagenet2012", "image_folder")
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Every key a run reads, with SimCLR ImageNet defaults; config files override a few."""
     c = ml_collections.ConfigDict()
-    c.method = "simclr"  # contrastive objective; see docs/methods.md
+    c.method = "simclr"  # the objective, a registered name (simclr_jax/methods/, docs/methods.md)
     c.seed = 0  # the one root seed: every PRNG key derives from it with fold_in
     c.dataset = "digits"  # one of DATASETS
     c.batch_size = 256  # GLOBAL batch over all devices and hosts (2x this many views)
@@ -33,11 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.monitor_every_steps = 0  # align/uniform/rankme cadence (0: every log step)
 
-    c.moco = ml_collections.ConfigDict()  # used when method == 'moco'
-    c.moco.momentum = 0.999  # EMA rate of the key encoder
-    c.moco.momentum_cosine = False  # raise the momentum to 1 on a cosine schedule
-    c.moco.queue_size = 65536  # negatives kept from earlier global batches
-    c.moco.temperature = 0.2
+    # Each method's own section, config.<name>, from its module (read when method == name).
+    for name in methods.names():
+        defaults = methods.get(name).config_defaults
+        if defaults is not None:
+            c[name] = defaults()
 
     c.data = ml_collections.ConfigDict()
     c.data.image_size = 224  # side of the images the host yields
@@ -89,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.trust_coefficient = 1e-3
     c.optim.warmup_epochs = 10.0
     c.optim.grad_clip_norm = 0.0  # 0: off
+    c.optim.constant_lr_params = ()  # top-level modules kept at the peak LR (SimSiam: predictor)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.at_end = True  # linear probe + kNN of random-init vs pretrained encoder
@@ -145,18 +149,12 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-class ConfigError(ValueError):
-    """A config key with a value that is not allowed; the message names both."""
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"config.{key}={value!r} is invalid: {allowed}")
+_check = check
 
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the key, its value and what is allowed, for any bad value."""
-    _check(c.method in METHODS, "method", c.method, f"one of {list(METHODS)}")
+    method = methods.get(c.method)  # an unknown name is refused, listing the registered ones
     _check(c.dataset in DATASETS, "dataset", c.dataset, f"one of {list(DATASETS)}")
     for key in ("batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _check(isinstance(c[key], int) and c[key] > 0, key, c[key], "a positive integer")
@@ -164,20 +162,6 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.num_epochs > 0 or c.total_steps > 0, "num_epochs", c.num_epochs, "> 0")
     _check(c.temperature > 0, "temperature", c.temperature, "> 0")
     _check(c.monitor_every_steps >= 0, "monitor_every_steps", c.monitor_every_steps, ">= 0")
-    if c.method == "moco":
-        mc = c.moco
-        _check(
-            isinstance(mc.queue_size, int)
-            and mc.queue_size > 0
-            and mc.queue_size % c.batch_size == 0,
-            "moco.queue_size",
-            mc.queue_size,
-            f"a positive multiple of batch_size={c.batch_size} (one global batch of keys is "
-            f"enqueued per step), e.g. {max(1, mc.queue_size // c.batch_size) * c.batch_size}",
-        )
-        _check(0 <= mc.momentum < 1, "moco.momentum", mc.momentum, "in [0, 1)")
-        _check(mc.temperature > 0, "moco.temperature", mc.temperature, "> 0")
-        _check(not c.loss.decoupled, "loss.decoupled", c.loss.decoupled, "False for method='moco'")
     _check(c.keep_period >= 0, "keep_period", c.keep_period, ">= 0")
     _check(c.loss.impl in ("dense", "blockwise"), "loss.impl", c.loss.impl, "dense/blockwise")
     _check(c.loss.chunk_size > 0, "loss.chunk_size", c.loss.chunk_size, "> 0")
@@ -264,6 +248,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     )
     _check(c.eval.knn_k > 0, "eval.knn_k", c.eval.knn_k, "> 0")
     _check(c.eval.batch_size > 0, "eval.batch_size", c.eval.batch_size, "> 0")
+    method.validate(c)  # the method's own keys, once the shared ones are known to be sane
 
 
 # Keys that change only cadence, resources or reporting: a resumed run may change them freely.

@@ -145,14 +145,14 @@ def test_memory_is_local_rows_times_chunk():
 
 
 def test_train_step_selects_blockwise_by_config():
-    from simclr_jax import train
+    from simclr_jax.methods import simclr
 
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     z1, z2 = _pair(4)
-    dense = jax.jit(train._sharded_nt_xent(mesh, T))(z1, z2)
-    block = jax.jit(train._sharded_nt_xent(mesh, T, impl="blockwise", chunk_size=5))(z1, z2)
+    dense = jax.jit(simclr.sharded_nt_xent(mesh, T))(z1, z2)
+    block = jax.jit(simclr.sharded_nt_xent(mesh, T, impl="blockwise", chunk_size=5))(z1, z2)
     np.testing.assert_allclose(block[0], dense[0], **TOL)
     for key in dense[1]:
         np.testing.assert_allclose(block[1][key], dense[1][key], err_msg=key, **TOL)
     with pytest.raises(ValueError, match="loss.impl='ring'"):
-        train._sharded_nt_xent(mesh, T, impl="ring")
+        simclr.sharded_nt_xent(mesh, T, impl="ring")

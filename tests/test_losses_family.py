@@ -277,11 +277,12 @@ def test_pair_losses_sharded_equal_unsharded_with_grads():
 
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_train_sharded_loss_honours_the_decoupled_switch(decoupled):
-    from simclr_jax import parallel, train
+    from simclr_jax import parallel
+    from simclr_jax.methods import simclr
 
     mesh = parallel.make_mesh()
     z1, z2 = _views(n=32, d=16, seed=21)
-    loss, metrics = jax.jit(train._sharded_nt_xent(mesh, 0.3, decoupled=decoupled))(
+    loss, metrics = jax.jit(simclr.sharded_nt_xent(mesh, 0.3, decoupled=decoupled))(
         *_put(mesh, z1, z2)
     )
     want = losses.nt_xent_with_metrics(z1, z2, 0.3, decoupled=decoupled)[0]

@@ -27,7 +27,10 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import data, losses, models, monitors, parallel, train
+from simclr_jax import data, losses, models, parallel
+from simclr_jax.config_checks import check
+from simclr_jax.methods import base
+from simclr_jax.train_state import TrainState, make_views, online_linear_metrics, step_key
 
 log = logging.getLogger(__name__)
 _capped_warned: set[tuple[int, int]] = set()  # warn once per setting, not per state build
@@ -84,23 +87,25 @@ def init_moco_state(
     }
 
 
+def momentum(config: ml_collections.ConfigDict, total_steps: int) -> float:
+    """The key encoder's (base) EMA rate: `moco.momentum`, or when it is -1 the run-length rule.
+
+    The rule (`base.auto_momentum`) gives MoCo's 0.999 on ImageNet-length runs and 0.99 on a
+    400-step digits run, where 0.999 would leave the key encoder near its random init.
+    """
+    m = float(config.moco.momentum)
+    return base.auto_momentum(total_steps, 0.99, 0.999) if m < 0 else m
+
+
 def momentum_at(config: ml_collections.ConfigDict, step: jax.Array, total_steps: int) -> jax.Array:
-    """Key-encoder EMA rate at `step`: `moco.momentum`, or BYOL's cosine increase to 1."""
-    m0 = float(config.moco.momentum)
-    if not config.moco.momentum_cosine:
-        return jnp.asarray(m0, jnp.float32)
-    if total_steps <= 0:
-        raise ValueError(
-            "moco.momentum_cosine needs the run length: set config.total_steps, or pass "
-            "total_steps to train.compile_train_step"
-        )
-    frac = jnp.minimum(step.astype(jnp.float32) / total_steps, 1.0)
-    return 1.0 - (1.0 - m0) * (jnp.cos(jnp.pi * frac) + 1.0) / 2.0
-
-
-def ema(key_params: Any, params: Any, momentum: jax.Array) -> Any:
-    """`momentum * key + (1 - momentum) * query`, leaf by leaf."""
-    return jax.tree.map(lambda k, q: momentum * k + (1.0 - momentum) * q, key_params, params)
+    """Key-encoder EMA rate at `step`: `momentum(...)`, or BYOL's cosine increase to 1."""
+    return base.cosine_momentum(
+        momentum(config, total_steps),
+        config.moco.momentum_cosine,
+        step,
+        total_steps,
+        "moco.momentum_cosine",
+    )
 
 
 def enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -146,7 +151,7 @@ def _sharded_info_nce(
 
 def moco_loss(
     params: Any,
-    state: train.TrainState,
+    state: TrainState,
     x_q: jax.Array,
     x_k: jax.Array,
     labels: jax.Array,
@@ -171,7 +176,7 @@ def moco_loss(
     )
     info_nce = _sharded_info_nce(mesh, config.moco.temperature)
     loss, acc = info_nce(out["projection"], keys, jax.lax.stop_gradient(ms["queue"]))
-    linear = train.online_linear_metrics(out["logits"][:, None], labels)
+    linear = online_linear_metrics(out["logits"][:, None], labels)
     aux = {
         "loss": loss,
         "metrics": {"contrastive_acc": acc, **linear},
@@ -185,7 +190,7 @@ def moco_loss(
 
 
 def moco_train_step(
-    state: train.TrainState,
+    state: TrainState,
     batch: dict[str, jax.Array],
     *,
     model: models.SimCLRModel,
@@ -194,15 +199,15 @@ def moco_train_step(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
     total_steps: int = 0,
-) -> tuple[train.TrainState, dict[str, jax.Array]]:
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One MoCo v2 update: same contract as `train.train_step` (pure, key from the state).
 
     Order: InfoNCE of queries against [key, queue] -> optimizer update of the query encoder ->
     EMA of the key encoder towards the updated query encoder -> enqueue this step's global keys.
     """
     total_steps = total_steps or int(config.total_steps)
-    key = train.step_key(state)
-    x = train.make_views(key, batch["image"], config, batch.get("crop"))
+    key = step_key(state)
+    x = make_views(key, batch["image"], config, batch.get("crop"))
     labels = batch["label"]
     # make_views interleaves the two views of each image: rows 2i (queries), 2i + 1 (keys).
     pairs = x.reshape((labels.shape[0], 2) + x.shape[1:])
@@ -210,34 +215,90 @@ def moco_train_step(
 
     loss_fn = functools.partial(moco_loss, model=model, config=config, mesh=mesh)
     grads, aux = jax.grad(loss_fn, has_aux=True)(state.params, state, x_q, x_k, labels)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-
     ms = state.method_state
     momentum = momentum_at(config, state.step, total_steps)
     queue, queue_ptr = enqueue(ms["queue"], ms["queue_ptr"], aux["keys"])
-    method_state = {
-        "key_params": ema(ms["key_params"], params, momentum),
-        "key_batch_stats": aux["key_batch_stats"],
-        "queue": queue,
-        "queue_ptr": queue_ptr,
-    }
-    new_step = state.step + 1
-    new_state = state.replace(
-        step=new_step,
-        params=params,
-        batch_stats=aux["batch_stats"],
-        opt_state=opt_state,
-        method_state=method_state,
+    new_state = base.apply_gradients(state, grads, tx, batch_stats=aux["batch_stats"])
+    new_state = new_state.replace(
+        method_state={
+            "key_params": base.ema(ms["key_params"], new_state.params, momentum),
+            "key_batch_stats": aux["key_batch_stats"],
+            "queue": queue,
+            "queue_ptr": queue_ptr,
+        }
     )
-    due = monitors.is_due(new_step, monitors.cadence(config), total_steps)
-    metrics = {
-        **aux["metrics"],
-        **monitors.maybe_representation_metrics(due, aux["queries"], aux["keys"], aux["features"]),
-        "loss": aux["loss"],
-        "lr": schedule(state.step),
-        "moco_momentum": momentum,
-        "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(params),
-    }
+    metrics = base.step_metrics(
+        state.step,
+        new_state,
+        grads,
+        aux["loss"],
+        {**aux["metrics"], "moco_momentum": momentum},
+        (aux["queries"], aux["keys"], aux["features"]),
+        schedule=schedule,
+        config=config,
+        total_steps=total_steps,
+    )
     return new_state, metrics
+
+
+def config_defaults() -> ml_collections.ConfigDict:
+    """`config.moco`: MoCo v2's ImageNet settings; the EMA rate follows the run length."""
+    c = ml_collections.ConfigDict()
+    # EMA rate of the key encoder; -1: from the run length (0.999 on ImageNet-length runs,
+    # 0.99 on a few hundred steps), see `momentum`.
+    c.momentum = -1.0
+    c.momentum_cosine = False  # raise the momentum to 1 on a cosine schedule
+    c.queue_size = 65536  # negatives kept from earlier global batches (capped to the split)
+    c.temperature = 0.2
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Queue a positive multiple of the global batch, momentum in [0, 1) or -1, temperature > 0."""
+    mc = c.moco
+    check(
+        isinstance(mc.queue_size, int) and mc.queue_size > 0 and mc.queue_size % c.batch_size == 0,
+        "moco.queue_size",
+        mc.queue_size,
+        f"a positive multiple of batch_size={c.batch_size} (one global batch of keys is "
+        f"enqueued per step), e.g. {max(1, mc.queue_size // c.batch_size) * c.batch_size}",
+    )
+    check(
+        0 <= mc.momentum < 1 or mc.momentum == -1,
+        "moco.momentum",
+        mc.momentum,
+        "in [0, 1), or -1 to derive it from the run length",
+    )
+    check(mc.temperature > 0, "moco.temperature", mc.temperature, "> 0")
+    check(not c.loss.decoupled, "loss.decoupled", c.loss.decoupled, "False for method='moco'")
+
+
+def resolve(c: ml_collections.ConfigDict, total_steps: int, num_train_examples: int) -> list[str]:
+    """The queue and EMA rate this run uses, and a warning for an EMA longer than the run."""
+    m = momentum(c, total_steps)
+    lines = [f"MoCo: queue of {queue_size(c, num_train_examples)} keys, key-encoder EMA {m:g}"]
+    if c.moco.momentum >= 0:
+        lines += base.ema_time_constant_warning(
+            "moco.momentum", m, total_steps, base.auto_momentum(total_steps, 0.99, 0.999)
+        )
+    return lines
+
+
+def init_state(
+    config: ml_collections.ConfigDict, variables: dict[str, Any], key: jax.Array, n: int
+) -> dict[str, Any]:
+    """The registry's hook: `init_moco_state` with the queue sized for `n` training examples."""
+    return init_moco_state(config, variables, key, queue_size(config, n))
+
+
+METHOD = base.register(
+    base.Method(
+        name="moco",
+        train_step=moco_train_step,
+        summary="MoCo v2: InfoNCE against an EMA key encoder's FIFO queue of global keys",
+        config_defaults=config_defaults,
+        validate=validate,
+        init_state=init_state,
+        resolve=resolve,
+    )
+)

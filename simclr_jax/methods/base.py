@@ -1,0 +1,164 @@
+"""The method interface: what an objective gives the loop, and the registry that names them.
+
+A method is one module in `simclr_jax/methods/` that builds a `Method` and passes it to
+`register`. The loop, checkpoints, export and evaluation see only this interface:
+
+- `config_defaults()`: the method's own config section `config.<name>` (None: no section);
+- `validate(config)`: raises `ConfigError` for a bad value of its keys;
+- `build_model(config, num_classes)`: the trained network (default: encoder + projection head
+  + online linear head; BYOL and SimSiam add a predictor);
+- `init_state(config, variables, key, num_train_examples)`: its extra state (EMA target,
+  queue, bank) as a pytree, or None; it lives in `TrainState.method_state`, so it is
+  replicated, donated, checkpointed and restored with the rest;
+- `train_step(state, batch, *, model, tx, schedule, config, mesh, total_steps)`: the pure
+  update on the views the shared step makes (`train_state.make_views`);
+- `resolve(config, total_steps, num_train_examples)`: run-length-dependent settings, returning
+  warnings for the user (e.g. an EMA time constant longer than the run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from simclr_jax import models, monitors
+from simclr_jax.config_checks import ConfigError
+from simclr_jax.train_state import TrainState
+
+StepFn = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+
+
+def no_extra_state(config: Any, variables: Any, key: jax.Array, num_train_examples: int) -> None:
+    """For methods whose state is the train state alone."""
+    return None
+
+
+def no_validation(config: Any) -> None:
+    """For methods without keys of their own."""
+
+
+def nothing_to_resolve(config: Any, total_steps: int, num_train_examples: int) -> list[str]:
+    """For methods without run-length-dependent settings."""
+    return []
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One objective: its config section, validation, model, extra state and step."""
+
+    name: str
+    train_step: StepFn
+    summary: str  # one line for docs and error messages
+    config_defaults: Callable[[], ml_collections.ConfigDict] | None = None
+    validate: Callable[[Any], None] = no_validation
+    build_model: Callable[[Any, int], Any] = models.create_model
+    init_state: Callable[[Any, Any, jax.Array, int], Any] = no_extra_state
+    resolve: Callable[[Any, int, int], list[str]] = nothing_to_resolve
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Adds `method` to the registry under its name (once)."""
+    if method.name in REGISTRY:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    REGISTRY[method.name] = method
+    return method
+
+
+def names() -> list[str]:
+    """The registered method names, sorted."""
+    return sorted(REGISTRY)
+
+
+def get(name: str) -> Method:
+    """The registered method `name`; a `ConfigError` listing the registered ones otherwise."""
+    if name not in REGISTRY:
+        raise ConfigError(f"config.method={name!r} is invalid: one of {names()}")
+    return REGISTRY[name]
+
+
+def apply_gradients(
+    state: TrainState, grads: Any, tx: optax.GradientTransformation, **replace: Any
+) -> TrainState:
+    """The optimizer update of `state.params`, the step count + 1 and any other field replaced."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, **replace)
+
+
+def step_metrics(
+    old_step: jax.Array,
+    new_state: TrainState,
+    grads: Any,
+    loss: jax.Array,
+    metrics: dict[str, jax.Array],
+    embeddings: tuple[jax.Array, jax.Array, jax.Array],
+    *,
+    schedule: optax.Schedule,
+    config: Any,
+    total_steps: int,
+) -> dict[str, jax.Array]:
+    """The metrics every step reports: the method's, monitors when due, loss, LR and norms.
+
+    `embeddings` are (view-1 projections, view-2 projections, encoder features) for the
+    align / uniform / rankme monitors, computed only on monitor steps.
+    """
+    due = monitors.is_due(new_state.step, monitors.cadence(config), total_steps)
+    return {
+        **metrics,
+        **monitors.maybe_representation_metrics(due, *embeddings),
+        "loss": loss,
+        "lr": schedule(old_step),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(new_state.params),
+    }
+
+
+def ema(target: Any, online: Any, momentum: jax.Array) -> Any:
+    """`momentum * target + (1 - momentum) * online`, leaf by leaf."""
+    return jax.tree.map(lambda t, o: momentum * t + (1.0 - momentum) * o, target, online)
+
+
+def cosine_momentum(
+    base: float, cosine: bool, step: jax.Array, total_steps: int, key: str
+) -> jax.Array:
+    """EMA rate at `step`: `base`, or BYOL's `1 - (1 - base)(cos(pi k / K) + 1) / 2` to 1.
+
+    `key` names the config key that asked for the cosine schedule, for the error message.
+    """
+    if not cosine:
+        return jnp.asarray(base, jnp.float32)
+    if total_steps <= 0:
+        raise ValueError(
+            f"config.{key} needs the run length: set config.total_steps, or pass "
+            "total_steps to train.compile_train_step"
+        )
+    frac = jnp.minimum(step.astype(jnp.float32) / total_steps, 1.0)
+    return 1.0 - (1.0 - base) * (jnp.cos(jnp.pi * frac) + 1.0) / 2.0
+
+
+def auto_momentum(total_steps: int, low: float, high: float) -> float:
+    """An EMA rate whose time constant 1/(1-m) is a quarter of the run, clipped to [low, high]."""
+    return float(min(max(1.0 - 4.0 / max(total_steps, 1), low), high))
+
+
+def ema_time_constant_warning(
+    key: str, momentum: float, total_steps: int, suggestion: float
+) -> list[str]:
+    """A warning when an EMA's time constant 1/(1-m) exceeds a quarter of the run, else none."""
+    tau = 1.0 / max(1.0 - momentum, 1e-12)
+    if tau <= total_steps / 4:
+        return []
+    return [
+        f"WARNING: config.{key}={momentum} averages over ~{tau:.0f} steps but the run has "
+        f"{total_steps}: the target network would stay near its random init; set "
+        f"--config.{key}={suggestion:g} (or -1 to derive it from the run length)"
+    ]

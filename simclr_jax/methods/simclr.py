@@ -1,0 +1,121 @@
+"""SimCLR (Chen et al. 2020): NT-Xent over the global batch of both views.
+
+Keys: the top-level `temperature` and `loss.{impl,chunk_size,decoupled}` (SimCLR is the
+default method, so its keys predate the per-method sections).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from simclr_jax import losses, parallel
+from simclr_jax.methods import base
+from simclr_jax.train_state import TrainState, make_views, online_linear_metrics, step_key
+
+
+def sharded_nt_xent(
+    mesh: Mesh,
+    temperature: float,
+    decoupled: bool = False,
+    impl: str = "dense",
+    chunk_size: int = 1024,
+) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
+    """NT-Xent over the global batch: each device's rows against the gathered batch.
+
+    `impl='blockwise'` visits the gathered batch `chunk_size` columns at a time, so a device
+    never holds its full [local, global] logits (huge global batches); same values.
+    """
+    if impl == "blockwise":
+        from simclr_jax import losses_blockwise
+
+        loss_fn = functools.partial(
+            losses_blockwise.nt_xent_blockwise_with_metrics, chunk_size=chunk_size
+        )
+    elif impl == "dense":
+        loss_fn = losses.nt_xent_with_metrics
+    else:
+        raise ValueError(f"config.loss.impl={impl!r} is not one of ['dense', 'blockwise']")
+    return jax.shard_map(
+        functools.partial(
+            loss_fn,
+            temperature=temperature,
+            axis_name=parallel.DATA_AXIS,
+            decoupled=decoupled,
+        ),
+        mesh=mesh,
+        in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
+        out_specs=(P(), P()),
+    )
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config: Any,
+    mesh: Mesh,
+    total_steps: int = 0,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SimCLR update: augment on device, encode 2B views with global BN, NT-Xent, LARS.
+
+    Pure in `(state, batch)`; the step's key is derived from the state (see `step_key`).
+    `total_steps` (default `config.total_steps`) makes the last step a monitor step too.
+    """
+    x = make_views(step_key(state), batch["image"], config, batch.get("crop"))
+    labels = batch["label"]
+    batch_size = labels.shape[0]
+    nt_xent = sharded_nt_xent(
+        mesh,
+        config.temperature,
+        decoupled=config.loss.decoupled,
+        impl=config.loss.impl,
+        chunk_size=config.loss.chunk_size,
+    )
+
+    def loss_fn(params):
+        out, new_vars = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        z = out["projection"].reshape(batch_size, 2, -1)
+        loss, metrics = nt_xent(z[:, 0], z[:, 1])
+        linear = online_linear_metrics(out["logits"].reshape(batch_size, 2, -1), labels)
+        metrics = {**metrics, **linear}
+        embeddings = (z[:, 0], z[:, 1], out["features"])
+        aux = (loss, metrics, new_vars["batch_stats"], embeddings)
+        return loss + linear["linear_loss"], aux
+
+    grads, (loss, metrics, batch_stats, embeddings) = jax.grad(loss_fn, has_aux=True)(state.params)
+    new_state = base.apply_gradients(state, grads, tx, batch_stats=batch_stats)
+    return new_state, base.step_metrics(
+        state.step,
+        new_state,
+        grads,
+        loss,
+        metrics,
+        embeddings,
+        schedule=schedule,
+        config=config,
+        total_steps=total_steps or config.total_steps,
+    )
+
+
+METHOD = base.register(
+    base.Method(
+        name="simclr",
+        train_step=train_step,
+        summary="NT-Xent over the global batch (SimCLR v1/v2)",
+    )
+)
