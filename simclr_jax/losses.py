@@ -221,3 +221,47 @@ def triplet(
     if not squared:
         d_pos, d_neg = _safe_norm(d_pos), _safe_norm(d_neg)
     return global_mean(jax.nn.relu(d_pos - d_neg + margin), axis_name)
+
+
+def cosine_similarity(p: jnp.ndarray, z: jnp.ndarray) -> jnp.ndarray:
+    """Row-wise cosine similarity `[N]` of `p [N, D]` and `z [N, D]` (fp32)."""
+    if p.shape != z.shape or p.ndim != 2:
+        raise ValueError(f"p and z must both be [N, D]; got {p.shape} and {z.shape}")
+    return jnp.sum(l2_normalize(p) * l2_normalize(z), axis=-1)
+
+
+def byol_loss(
+    p1: jnp.ndarray,
+    p2: jnp.ndarray,
+    z1: jnp.ndarray,
+    z2: jnp.ndarray,
+    axis_name: AxisName = None,
+) -> jnp.ndarray:
+    """BYOL's symmetric loss: mean over N of `(2 - 2 cos(p1, z2)) + (2 - 2 cos(p2, z1))`.
+
+    `p1, p2` are the online predictions of views 1 and 2, `z1, z2` the target projections;
+    the targets get no gradient. With `axis_name`, the mean is over the global batch.
+    """
+    z1, z2 = jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2)
+    per_example = 4.0 - 2.0 * cosine_similarity(p1, z2) - 2.0 * cosine_similarity(p2, z1)
+    return global_mean(per_example, axis_name)
+
+
+def simsiam_loss(
+    p1: jnp.ndarray,
+    p2: jnp.ndarray,
+    z1: jnp.ndarray,
+    z2: jnp.ndarray,
+    axis_name: AxisName = None,
+    *,
+    stop_gradient: bool = True,
+) -> jnp.ndarray:
+    """SimSiam's loss: mean over N of `-(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2`, in [-1, 1].
+
+    `stop_gradient=False` lets gradients into the projections too: the variant that collapses
+    (Chen & He 2021, Fig. 2). With `axis_name`, the mean is over the global batch.
+    """
+    if stop_gradient:
+        z1, z2 = jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2)
+    per_example = -0.5 * (cosine_similarity(p1, z2) + cosine_similarity(p2, z1))
+    return global_mean(per_example, axis_name)

@@ -67,34 +67,57 @@ def make_schedule(config: Any, steps_per_epoch: int) -> optax.Schedule:
     )
 
 
-def make_optimizer(
-    config: Any, params: Any, steps_per_epoch: int
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Builds `(optimizer, lr_schedule)` from `config.optim` for the given param tree.
-
-    LARS excludes biases and BatchNorm parameters from weight decay and trust-ratio adaptation.
-    """
-    oc = config.optim
-    schedule = make_schedule(config, steps_per_epoch)
-    mask = decay_mask(params)
+def _optimizer(oc: Any, lr: Any, mask: Any) -> optax.GradientTransformation:
+    """`oc.name`'s optax transformation at learning rate (or schedule) `lr`, masks `mask`."""
     if oc.name == "lars":
-        tx = optax.lars(
-            schedule,
+        return optax.lars(
+            lr,
             weight_decay=oc.weight_decay,
             weight_decay_mask=mask,
             trust_coefficient=oc.trust_coefficient,
             trust_ratio_mask=mask,
             momentum=oc.momentum,
         )
-    elif oc.name == "sgd":
-        tx = optax.chain(
+    if oc.name == "sgd":
+        return optax.chain(
             optax.add_decayed_weights(oc.weight_decay, mask=mask),
-            optax.sgd(schedule, momentum=oc.momentum, nesterov=True),
+            optax.sgd(lr, momentum=oc.momentum, nesterov=True),
         )
-    elif oc.name == "adamw":
-        tx = optax.adamw(schedule, weight_decay=oc.weight_decay, mask=mask)
+    if oc.name == "adamw":
+        return optax.adamw(lr, weight_decay=oc.weight_decay, mask=mask)
+    raise ValueError(f"optim.name={oc.name!r} is not one of {OPTIMIZERS}")
+
+
+def make_optimizer(
+    config: Any, params: Any, steps_per_epoch: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Builds `(optimizer, lr_schedule)` from `config.optim` for the given param tree.
+
+    LARS excludes biases and BatchNorm parameters from weight decay and trust-ratio adaptation.
+    The top-level modules named in `optim.constant_lr_params` (SimSiam's predictor) train at
+    the peak LR throughout instead of following the schedule.
+    """
+    oc = config.optim
+    schedule = make_schedule(config, steps_per_epoch)
+    constant = tuple(oc.get("constant_lr_params", ()))
+    unknown = sorted(set(constant) - set(params))
+    if unknown:
+        raise ValueError(
+            f"optim.constant_lr_params={constant!r} names {unknown}, not among the model's "
+            f"top-level modules {sorted(params)}"
+        )
+    if not constant:
+        tx = _optimizer(oc, schedule, decay_mask(params))
     else:
-        raise ValueError(f"optim.name={oc.name!r} is not one of {OPTIMIZERS}")
+        peak = scaled_learning_rate(oc.base_lr, config.batch_size, oc.lr_scaling)
+        labels = {k: "constant" if k in constant else "scheduled" for k in params}
+        tx = optax.multi_transform(
+            {
+                "scheduled": _optimizer(oc, schedule, decay_mask),
+                "constant": _optimizer(oc, peak, decay_mask),
+            },
+            lambda p: jax.tree_util.tree_map_with_path(lambda path, _: labels[path[0].key], p),
+        )
     if oc.get("grad_clip_norm", 0.0) > 0:
         tx = optax.chain(optax.clip_by_global_norm(oc.grad_clip_norm), tx)
     return tx, schedule

@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from simclr_jax.models.heads import LinearHead, ProjectionHead
+from simclr_jax.models.heads import LinearHead, Predictor, ProjectionHead
 from simclr_jax.models.resnet import (
     COMPATS,
     RESNET_LAYOUTS,
@@ -20,6 +20,7 @@ from simclr_jax.models.resnet import (
 __all__ = [
     "COMPATS",
     "LinearHead",
+    "Predictor",
     "ProjectionHead",
     "RESNET_LAYOUTS",
     "STEMS",
@@ -38,24 +39,29 @@ class SimCLRModel(nn.Module):
 
     Returns `{'features', 'projection', 'head_outputs', 'logits'}`: pooled encoder features, the
     final projection (fp32, used by the contrastive loss), every head layer's output, and the
-    linear head's logits on stop-gradient features.
+    linear head's logits on stop-gradient features; with a `predictor` (BYOL, SimSiam) also
+    `'prediction'`, the predictor's output on the projection.
     """
 
     encoder: ResNet
     head: ProjectionHead
     num_classes: int
+    predictor: Predictor | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = True) -> dict[str, Any]:
         features = self.encoder(x, train=train)
         head_outputs = self.head(features, train=train)
         logits = LinearHead(self.num_classes, name="linear_head")(features)
-        return {
+        out = {
             "features": features,
             "projection": head_outputs[-1],
             "head_outputs": head_outputs,
             "logits": logits,
         }
+        if self.predictor is not None:
+            out["prediction"] = self.predictor(head_outputs[-1], train=train)
+        return out
 
 
 def compute_dtype(name: str) -> Any:
@@ -81,8 +87,13 @@ def create_encoder(model_config: Any, bn_axis_name: str | None = None) -> ResNet
     )
 
 
-def create_model(config: Any, num_classes: int, bn_axis_name: str | None = None) -> SimCLRModel:
-    """Builds the SimCLR model from a full run config (`config.model`)."""
+def create_model(
+    config: Any,
+    num_classes: int,
+    bn_axis_name: str | None = None,
+    predictor: Predictor | None = None,
+) -> SimCLRModel:
+    """Builds the SimCLR model from a run config's `config.model`, with an optional predictor."""
     m = config.model
     if m.head_layers < 1:
         raise ValueError(f"model.head_layers={m.head_layers!r} must be >= 1 (2: SimCLRv1, 3: v2)")
@@ -94,4 +105,9 @@ def create_model(config: Any, num_classes: int, bn_axis_name: str | None = None)
         bn_axis_name=bn_axis_name,
         dtype=compute_dtype(m.dtype),
     )
-    return SimCLRModel(encoder=create_encoder(m, bn_axis_name), head=head, num_classes=num_classes)
+    return SimCLRModel(
+        encoder=create_encoder(m, bn_axis_name),
+        head=head,
+        num_classes=num_classes,
+        predictor=predictor,
+    )

@@ -65,3 +65,26 @@ class LinearHead(nn.Module):
     def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
         features = jax.lax.stop_gradient(features.astype(jnp.float32))
         return nn.Dense(self.num_classes, dtype=jnp.float32, name="dense")(features)
+
+
+class Predictor(nn.Module):
+    """BYOL / SimSiam predictor: Dense -> BN -> ReLU -> Dense, no BN on the output."""
+
+    hidden_dim: int = 4096
+    out_dim: int = 256
+    bn_axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+        x = nn.Dense(self.hidden_dim, use_bias=False, dtype=self.dtype, name="dense1")(x)
+        x = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPSILON,
+            dtype=self.dtype,
+            axis_name=self.bn_axis_name,
+            name="bn1",
+        )(x)
+        x = nn.Dense(self.out_dim, dtype=self.dtype, name="dense2")(nn.relu(x))
+        return x.astype(jnp.float32)
