@@ -149,72 +149,69 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-_check = check
-
-
 def validate_config(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the key, its value and what is allowed, for any bad value."""
     method = methods.get(c.method)  # an unknown name is refused, listing the registered ones
-    _check(c.dataset in DATASETS, "dataset", c.dataset, f"one of {list(DATASETS)}")
+    check(c.dataset in DATASETS, "dataset", c.dataset, f"one of {list(DATASETS)}")
     for key in ("batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
-        _check(isinstance(c[key], int) and c[key] > 0, key, c[key], "a positive integer")
-    _check(c.total_steps >= 0, "total_steps", c.total_steps, ">= 0 (0: use num_epochs)")
-    _check(c.num_epochs > 0 or c.total_steps > 0, "num_epochs", c.num_epochs, "> 0")
-    _check(c.temperature > 0, "temperature", c.temperature, "> 0")
-    _check(c.monitor_every_steps >= 0, "monitor_every_steps", c.monitor_every_steps, ">= 0")
-    _check(c.keep_period >= 0, "keep_period", c.keep_period, ">= 0")
-    _check(c.loss.impl in ("dense", "blockwise"), "loss.impl", c.loss.impl, "dense/blockwise")
-    _check(c.loss.chunk_size > 0, "loss.chunk_size", c.loss.chunk_size, "> 0")
-    _check(
+        check(isinstance(c[key], int) and c[key] > 0, key, c[key], "a positive integer")
+    check(c.total_steps >= 0, "total_steps", c.total_steps, ">= 0 (0: use num_epochs)")
+    check(c.num_epochs > 0 or c.total_steps > 0, "num_epochs", c.num_epochs, "> 0")
+    check(c.temperature > 0, "temperature", c.temperature, "> 0")
+    check(c.monitor_every_steps >= 0, "monitor_every_steps", c.monitor_every_steps, ">= 0")
+    check(c.keep_period >= 0, "keep_period", c.keep_period, ">= 0")
+    check(c.loss.impl in ("dense", "blockwise"), "loss.impl", c.loss.impl, "dense/blockwise")
+    check(c.loss.chunk_size > 0, "loss.chunk_size", c.loss.chunk_size, "> 0")
+    check(
         c.distributed.initialization_timeout > 0,
         "distributed.initialization_timeout",
         c.distributed.initialization_timeout,
         "> 0 seconds",
     )
-    _check(c.data.image_size > 0, "data.image_size", c.data.image_size, "> 0")
-    _check(c.data.prefetch >= 0, "data.prefetch", c.data.prefetch, ">= 0")
-    _check(
+    check(c.data.image_size > 0, "data.image_size", c.data.image_size, "> 0")
+    check(c.data.prefetch >= 0, "data.prefetch", c.data.prefetch, ">= 0")
+    check(
         c.data.host_size == 0 or (c.data.host_crop and c.data.host_size >= c.data.image_size),
         "data.host_size",
         c.data.host_size,
         f"0, or with data.host_crop=True at least data.image_size={c.data.image_size}",
     )
-    _check(c.augment.image_size > 0, "augment.image_size", c.augment.image_size, "> 0")
-    _check(
+    check(c.augment.image_size > 0, "augment.image_size", c.augment.image_size, "> 0")
+    check(
         c.augment.crop or c.augment.image_size == c.data.image_size,
         "augment.image_size",
         c.augment.image_size,
         f"equal to data.image_size={c.data.image_size} when augment.crop is False",
     )
     m = c.model
-    _check(m.depth in (18, 34, 50, 101, 152, 200), "model.depth", m.depth, "18/34/50/101/152/200")
-    _check(
+    check(m.depth in (18, 34, 50, 101, 152, 200), "model.depth", m.depth, "18/34/50/101/152/200")
+    check(
         m.width_multiplier in (1, 2, 3, 4), "model.width_multiplier", m.width_multiplier, "1/2/3/4"
     )
-    _check(0 <= m.sk_ratio <= 1, "model.sk_ratio", m.sk_ratio, "in [0, 1] (0.0625: SimCLR v2)")
-    _check(
+    check(0 <= m.sk_ratio <= 1, "model.sk_ratio", m.sk_ratio, "in [0, 1] (0.0625: SimCLR v2)")
+    check(
         m.compat in ("torchvision", "simclr_tf"), "model.compat", m.compat, "torchvision/simclr_tf"
     )
-    _check(m.base_width > 0, "model.base_width", m.base_width, "> 0")
-    _check(m.stem in ("imagenet", "cifar"), "model.stem", m.stem, "'imagenet' or 'cifar'")
-    _check(m.head_layers >= 1, "model.head_layers", m.head_layers, ">= 1")
-    _check(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "float32/bfloat16")
+    check(m.base_width > 0, "model.base_width", m.base_width, "> 0")
+    check(m.stem in ("imagenet", "cifar"), "model.stem", m.stem, "'imagenet' or 'cifar'")
+    check(m.head_layers >= 1, "model.head_layers", m.head_layers, ">= 1")
+    check(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "float32/bfloat16")
     o = c.optim
-    _check(o.name in ("lars", "sgd", "adamw"), "optim.name", o.name, "lars/sgd/adamw")
-    _check(o.base_lr > 0, "optim.base_lr", o.base_lr, "> 0")
-    _check(
+    check(o.name in ("lars", "sgd", "adamw"), "optim.name", o.name, "lars/sgd/adamw")
+    check(o.base_lr > 0, "optim.base_lr", o.base_lr, "> 0")
+    check(
         o.lr_scaling in ("linear", "sqrt", "none"),
         "optim.lr_scaling",
         o.lr_scaling,
         "linear/sqrt/none",
     )
-    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
-    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, ">= 0")
+    check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, ">= 0")
     f = c.finetune
-    _check(0 < f.label_fraction <= 1, "finetune.label_fraction", f.label_fraction, "in (0, 1]")
-    _check(f.from_head_layer >= 0, "finetune.from_head_layer", f.from_head_layer, ">= 0")
-    _check(f.eval_every_epochs >= 0, "finetune.eval_every_epochs", f.eval_every_epochs, ">= 0")
-    _check(
+    check(0 < f.label_fraction <= 1, "finetune.label_fraction", f.label_fraction, "in (0, 1]")
+    check(f.from_head_layer >= 0, "finetune.from_head_layer", f.from_head_layer, ">= 0")
+    check(f.eval_every_epochs >= 0, "finetune.eval_every_epochs", f.eval_every_epochs, ">= 0")
+    check(
         not (f.subset and f.label_fraction < 1),
         "finetune.label_fraction",
         f.label_fraction,
@@ -222,32 +219,32 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     )
     for name in ("linear_eval", "finetune"):
         s = c[name]
-        _check(s.epochs > 0, f"{name}.epochs", s.epochs, "> 0")
-        _check(
+        check(s.epochs > 0, f"{name}.epochs", s.epochs, "> 0")
+        check(
             isinstance(s.batch_size, int) and s.batch_size > 0,
             f"{name}.batch_size",
             s.batch_size,
             "a positive integer",
         )
-        _check(s.optimizer in ("sgd", "lars"), f"{name}.optimizer", s.optimizer, "'sgd' or 'lars'")
-        _check(s.base_lr > 0, f"{name}.base_lr", s.base_lr, "> 0")
-        _check(
+        check(s.optimizer in ("sgd", "lars"), f"{name}.optimizer", s.optimizer, "'sgd' or 'lars'")
+        check(s.base_lr > 0, f"{name}.base_lr", s.base_lr, "> 0")
+        check(
             s.lr_scaling in ("linear", "sqrt", "none"),
             f"{name}.lr_scaling",
             s.lr_scaling,
             "linear/sqrt/none",
         )
-        _check(s.weight_decay >= 0, f"{name}.weight_decay", s.weight_decay, ">= 0")
-        _check(s.warmup_epochs >= 0, f"{name}.warmup_epochs", s.warmup_epochs, ">= 0")
-    _check(c.eval.linear_epochs > 0, "eval.linear_epochs", c.eval.linear_epochs, "> 0")
-    _check(
+        check(s.weight_decay >= 0, f"{name}.weight_decay", s.weight_decay, ">= 0")
+        check(s.warmup_epochs >= 0, f"{name}.warmup_epochs", s.warmup_epochs, ">= 0")
+    check(c.eval.linear_epochs > 0, "eval.linear_epochs", c.eval.linear_epochs, "> 0")
+    check(
         c.eval.linear_mode in ("features", "streamed"),
         "eval.linear_mode",
         c.eval.linear_mode,
         "'features' or 'streamed'",
     )
-    _check(c.eval.knn_k > 0, "eval.knn_k", c.eval.knn_k, "> 0")
-    _check(c.eval.batch_size > 0, "eval.batch_size", c.eval.batch_size, "> 0")
+    check(c.eval.knn_k > 0, "eval.knn_k", c.eval.knn_k, "> 0")
+    check(c.eval.batch_size > 0, "eval.batch_size", c.eval.batch_size, "> 0")
     method.validate(c)  # the method's own keys, once the shared ones are known to be sane
 
 
