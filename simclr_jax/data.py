@@ -233,9 +233,18 @@ def _memory_arrays(
 
 
 def _memory_batches(
-    images: np.ndarray, labels: np.ndarray, seed: int, batch_size: int, rows: slice, step: int
+    images: np.ndarray,
+    labels: np.ndarray,
+    seed: int,
+    batch_size: int,
+    rows: slice,
+    step: int,
+    with_index: bool = False,
 ) -> Iterator[Batch]:
-    """Rows `rows` of every global batch from `step` on (the stream in the module docstring)."""
+    """Rows `rows` of every global batch from `step` on (the stream in the module docstring).
+
+    `with_index`: batches also carry 'index', each example's row in the split (int32).
+    """
     steps_per_epoch = len(labels) // batch_size
     epoch, order = -1, None
     while True:
@@ -243,7 +252,10 @@ def _memory_batches(
         if e != epoch:
             epoch, order = e, np.random.default_rng([seed, e]).permutation(len(labels))
         index = order[i * batch_size : (i + 1) * batch_size][rows]
-        yield {"image": images[index], "label": labels[index]}
+        batch = {"image": images[index], "label": labels[index]}
+        if with_index:
+            batch["index"] = index.astype(np.int32)
+        yield batch
         step += 1
 
 
@@ -521,16 +533,29 @@ def _records(
     process_index: int = 0,
     process_count: int = 1,
     seed: int | None = None,
+    with_index: bool = False,
 ) -> tuple[Any, Callable[[Any], Any]]:
-    """(tf.data of {'image', 'label'}, fn turning 'image' into encoded bytes) for this host."""
+    """(tf.data of {'image', 'label'}, fn turning 'image' into encoded bytes) for this host.
+
+    `with_index`: records also carry 'index' int32, the example's position in the whole split
+    (image folders only; a memory bank needs it).
+    """
     tf = _tf()
     if config.dataset == "image_folder":
         _, splits = _folder_splits(config.data.folder)
         paths, labels = splits["train" if split == "pretrain" else split]
         per_host = len(paths) // process_count  # equal shares keep the hosts' epochs in step
-        paths, labels = (a[process_index::process_count][:per_host] for a in (paths, labels))
-        records = tf.data.Dataset.from_tensor_slices({"image": paths, "label": labels})
+        columns = {"image": paths, "label": labels}
+        if with_index:
+            columns["index"] = np.arange(len(paths), dtype=np.int32)
+        columns = {k: a[process_index::process_count][:per_host] for k, a in columns.items()}
+        records = tf.data.Dataset.from_tensor_slices(columns)
         return records, tf.io.read_file
+    if with_index:
+        raise ValueError(
+            f"example indices (for a memory bank) are not available for the streamed tfds "
+            f"dataset {config.dataset!r}; use an in-memory dataset or an image folder"
+        )
     tfds = _tfds()
     builder = _tfds_builder(config)
     tfds_split = tfds.split_for_jax_process(
@@ -571,13 +596,23 @@ def _host_seed(seed: int, process_index: int) -> int:
 
 
 def _streamed_batches(
-    config: ml_collections.ConfigDict, process_index: int, process_count: int, batch: int, step: int
+    config: ml_collections.ConfigDict,
+    process_index: int,
+    process_count: int,
+    batch: int,
+    step: int,
+    with_index: bool = False,
 ) -> Iterator[Batch]:
     """This host's pretraining batches from a tfds dataset or image folder, from `step` on."""
     tf = _tf()
     seed = _host_seed(config.seed, process_index)
     records, load = _records(
-        config, "pretrain", process_index=process_index, process_count=process_count, seed=seed
+        config,
+        "pretrain",
+        process_index=process_index,
+        process_count=process_count,
+        seed=seed,
+        with_index=with_index,
     )
     size, host_size = config.data.image_size, getattr(config.data, "host_size", 0)
 
@@ -598,7 +633,13 @@ def _streamed_batches(
     # 2n calls in flight on the n threads: a thread that finishes one image starts the next at
     # once instead of sleeping until tf.data's scheduler thread wakes up (~4% more images/s).
     calls = 2 * config.data.num_threads or tf.data.AUTOTUNE
-    ds = ds.map(prepare, num_parallel_calls=calls)
+    if with_index:
+        ds = ds.map(
+            lambda position, ex: {**prepare(position, ex), "index": ex["index"]},
+            num_parallel_calls=calls,
+        )
+    else:
+        ds = ds.map(prepare, num_parallel_calls=calls)
     ds = ds.batch(batch, drop_remainder=True).prefetch(1)
     return ds.with_options(_tf_options(config)).as_numpy_iterator()
 
@@ -720,8 +761,13 @@ def pretrain_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     start_step: int = 0,
+    with_index: bool = False,
 ) -> Iterator[Batch]:
     """Endless per-host batches {'image': uint8 [b, S, S, 3], 'label': int32 [b]}.
+
+    `with_index`: batches also carry 'index' int32 [b], each example's position in the training
+    split, the same on every host and after a resume (for a memory bank; in-memory datasets and
+    image folders, not streamed tfds datasets).
 
     With `config.data.host_crop` images are two host crops [b, 2, S, S, 3], or with
     `config.data.host_size = H` the union of the two crop windows [b, H, H, 3] plus the windows
@@ -752,9 +798,13 @@ def pretrain_iterator(
                 f"config.batch_size={config.batch_size} > {len(labels)} {name} examples."
             )
         rows = slice(process_index * batch, (process_index + 1) * batch)
-        batches = _memory_batches(images, labels, config.seed, config.batch_size, rows, start_step)
+        batches = _memory_batches(
+            images, labels, config.seed, config.batch_size, rows, start_step, with_index
+        )
     else:
-        batches = _streamed_batches(config, process_index, process_count, batch, start_step)
+        batches = _streamed_batches(
+            config, process_index, process_count, batch, start_step, with_index
+        )
     return _Prefetcher(batches, config.data.prefetch) if config.data.prefetch > 0 else batches
 
 
@@ -869,10 +919,13 @@ def labelled_size(
 ) -> int:
     """Examples in a labelled split (train: after `keep` / `subset`; capped at `max_examples`)."""
     name = _dataset_name(config)
-    if _split_name(split) == "train" and keep is not None:
+    if _split_name(split) == "train" and keep is None and subset in OFFICIAL_SUBSETS:
+        config = _labelled_config(config, subset)
+    _check_labelled(config, split)
+    if split == "train" and keep is not None:
         n = len(keep)
     elif split == "train" and subset in OFFICIAL_SUBSETS:
-        n = _tfds_num_examples(_tfds_builder(_labelled_config(config, subset)), "train")
+        n = _tfds_num_examples(_tfds_builder(config), "train")
     elif split == "test":
         n = dataset_info(config).num_test_examples
     elif name in ("digits", "image_folder"):

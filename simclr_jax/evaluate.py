@@ -1,6 +1,6 @@
 """End-of-pretraining evaluation: a short linear evaluation + kNN, random init vs pretrained.
 
-Both run on the downstream machinery (`downstream.run_classifier`, `knn.knn_evaluate`): streamed
+Both run on the downstream machinery (`downstream_run.run_classifier`, `knn.knn_evaluate`): streamed
 labelled data, a classifier trained on device, a sharded kNN bank. The budget is bounded by
 `config.eval.linear_epochs` and `config.data.eval_max_examples`; nothing is checkpointed.
 """
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from simclr_jax import data, downstream, knn, parallel, probe
+from simclr_jax import data, downstream, downstream_run, knn, parallel, probe
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def evaluate_encoder(
 
     `eval.linear_mode='features'`: one streamed pass per split into sharded feature banks that
     serve both the fast linear probe and the kNN; 'streamed': the augmented linear evaluation
-    run (`downstream.run_classifier`) for `eval.linear_epochs`, then the kNN.
+    run (`downstream_run.run_classifier`) for `eval.linear_epochs`, then the kNN.
     """
     model = downstream.build_classifier(source.model_config, 0, num_classes, freeze=True)
     variables = downstream.initial_variables(model, source, config.augment.image_size)
@@ -57,8 +57,8 @@ def evaluate_encoder(
         section = config.linear_eval.copy_and_resolve_references()
         with section.unlocked():
             section.epochs = config.eval.linear_epochs
-        run = downstream.ClassifierRun("eval", model, variables, section, max_examples=cap)
-        lin = downstream.run_classifier(config, run, mesh, None, show_progress=False)
+        run = downstream_run.ClassifierRun("eval", model, variables, section, max_examples=cap)
+        lin = downstream_run.run_classifier(config, run, mesh, None, show_progress=False)
     nn = knn.knn_on_banks(
         *banks,
         mesh,

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from simclr_jax import config_base, data, downstream, parallel
+from simclr_jax import config_base, data, downstream, downstream_run, parallel
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def finetune(
     )
     variables = downstream.initial_variables(model, source, config.augment.image_size)
     keep, subset = selection(config)
-    run = downstream.ClassifierRun(
+    run = downstream_run.ClassifierRun(
         "finetune",
         model,
         variables,
@@ -79,7 +79,9 @@ def finetune(
         subset=subset,
         eval_every_epochs=f.eval_every_epochs,
     )
-    result = downstream.run_classifier(config, run, mesh, workdir, allow_change=allow_config_change)
+    result = downstream_run.run_classifier(
+        config, run, mesh, workdir, allow_change=allow_config_change
+    )
     if result["preempted"]:
         return result
     result.update(

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from simclr_jax import config_base, data, downstream, knn, parallel
+from simclr_jax import config_base, data, downstream, downstream_run, knn, parallel
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def linear_eval(
     model = downstream.build_classifier(source.model_config, 0, info.num_classes, freeze=True)
     variables = downstream.initial_variables(model, source, config.augment.image_size)
     section = config.linear_eval
-    run = downstream.ClassifierRun("linear_eval", model, variables, section)
-    result = downstream.run_classifier(
+    run = downstream_run.ClassifierRun("linear_eval", model, variables, section)
+    result = downstream_run.run_classifier(
         config, run, mesh, run_dir(config, workdir), allow_change=allow_config_change
     )
     if result["preempted"]:

@@ -42,6 +42,16 @@ OPTIONAL_PLOTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("linear_loss", "online linear loss", ("linear_loss",)),
     ("norms", "gradient and parameter norms", ("grad_norm", "param_norm")),
 )
+# A downstream run's workdir (linear evaluation, fine-tuning: `job.json` names the job).
+DOWNSTREAM_PLOTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("loss", "cross-entropy loss (train batches)", ("loss",)),
+    ("eval_top1", "top-1 / top-5 on the whole eval split", ("eval_top1", "eval_top5")),
+    ("train_top1", "top-1 on the train batches", ("train_top1",)),
+    ("lr", "learning rate", ("lr",)),
+    ("images_per_sec", "throughput (images / s)", ("images_per_sec",)),
+    ("grad_norm", "gradient norm", ("grad_norm",)),
+)
+DOWNSTREAM_JOBS = ("linear_eval", "finetune")
 _NOT_PLOTTED = {"step", "epoch"}
 # Config values shown at the top of the page (dotted paths into config.json).
 KEY_CONFIG = (
@@ -218,11 +228,14 @@ def plot_eval(results: dict[str, Any], path: str) -> str:
     return _save(fig, path)
 
 
-def _plan(rows: Sequence[dict[str, float]]) -> list[tuple[str, str, tuple[str, ...]]]:
+def _plan(
+    rows: Sequence[dict[str, float]], downstream: bool = False
+) -> list[tuple[str, str, tuple[str, ...]]]:
     """The plots to draw: core and optional ones with data, then any other logged metric."""
     logged = {k for r in rows for k in r}
-    known = {k for _, _, keys in CORE_PLOTS + OPTIONAL_PLOTS for k in keys}
-    plan = [p for p in CORE_PLOTS + OPTIONAL_PLOTS if logged & set(p[2])]
+    plots = DOWNSTREAM_PLOTS if downstream else CORE_PLOTS + OPTIONAL_PLOTS
+    known = {k for _, _, keys in plots for k in keys}
+    plan = [p for p in plots if logged & set(p[2])]
     # A metric added later (another method, a new monitor) gets a plot without touching this file.
     plan += [(k, k, (k,)) for k in sorted(logged - known - _NOT_PLOTTED)]
     return plan
@@ -269,6 +282,7 @@ def _html(
     missing: Sequence[str],
     eval_results: dict[str, Any] | None,
     spe: float | None,
+    downstream: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """The report page: status, key config, evaluation table, every plot, the full config."""
     esc = html.escape
@@ -285,15 +299,21 @@ def _html(
         f"{esc(time.strftime('%Y-%m-%d %H:%M:%S'))}. Rerun <code>--mode=report</code> to "
         "refresh.</p>",
     ]
-    parts.append("<h2>Evaluation (random-init vs pretrained encoder)</h2>")
+    if downstream:
+        parts.append("<h2>Downstream results (whole eval split)</h2>")
+        keys = ("top1", "top5", "knn_top1", "epochs", "num_labels", "steps", "source")
+        table = [[job] + [_fmt(r.get(k, "")) for k in keys] for job, r in downstream.items()]
+        parts.append(_table(table, ["job", *keys]))
     if eval_results:
+        parts.append("<h2>Evaluation (random-init vs pretrained encoder)</h2>")
         kinds = [k for k, v in eval_results.items() if isinstance(v, dict)]
         table = [
             [k] + [_fmt(_number(eval_results[k].get(e))) for e in ("random_init", "pretrained")]
             for k in kinds
         ]
         parts.append(_table(table, ["evaluation", "random init", "pretrained"]))
-    else:
+    elif not downstream:
+        parts.append("<h2>Evaluation (random-init vs pretrained encoder)</h2>")
         parts.append("<p>No eval.json yet: it is written at the end of pretraining.</p>")
     parts.append("<h2>Key config values</h2>")
     shown = [k for k in KEY_CONFIG if _get(config, k) is not None]
@@ -333,19 +353,30 @@ def write_report(workdir: str) -> str:
     config = _read_json(os.path.join(workdir, "config.json")) or {}
     eval_results = _read_json(os.path.join(workdir, "eval.json"))
     spe = steps_per_epoch(rows, config)
+    job = (_read_json(os.path.join(workdir, "job.json")) or {}).get("job")
+    results = {j: _read_json(os.path.join(workdir, f"{j}.json")) for j in DOWNSTREAM_JOBS}
+    downstream = {j: r for j, r in results.items() if r}
 
     images: list[tuple[str, str]] = []
-    for stem, title, keys in _plan(rows):
+    for stem, title, keys in _plan(rows, downstream=job in DOWNSTREAM_JOBS):
         plot_metric(rows, keys, title, os.path.join(out, f"{stem}.png"), spe)
         images.append((f"{stem}.png", title))
+    # A linear evaluation of this pretraining run keeps its own metrics in linear_eval/.
+    sub = read_metrics(os.path.join(workdir, "linear_eval", "metrics.jsonl"))
+    if sub and job is None:
+        for stem, title, keys in _plan(sub, downstream=True)[:2]:
+            name = f"linear_eval_{stem}.png"
+            plot_metric(sub, keys, f"linear eval: {title}", os.path.join(out, name), None)
+            images.append((name, f"linear eval: {title}"))
     if eval_results:
         plot_eval(eval_results, os.path.join(out, "eval.png"))
         images.insert(0, ("eval.png", "random-init vs pretrained encoder"))
     if os.path.exists(os.path.join(out, "augment.png")):  # from --mode=preview_augment
         images.append(("augment.png", "augmentation preview"))
     logged = {k for r in rows for k in r}
-    missing = [stem for stem, _, keys in CORE_PLOTS if not logged & set(keys)]
-    page = _html(workdir, config, rows, images, missing, eval_results, spe)
+    core = DOWNSTREAM_PLOTS[:3] if job in DOWNSTREAM_JOBS else CORE_PLOTS
+    missing = [stem for stem, _, keys in core if not logged & set(keys)]
+    page = _html(workdir, config, rows, images, missing, eval_results, spe, downstream)
     index = os.path.join(out, "index.html")
     _write_text(index, page)
     return index

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 
 import jax
 import numpy as np
@@ -68,23 +69,25 @@ def test_streamed_linear_eval_learns_and_resumes_after_a_kill(folder, export, tm
     assert full["num_labels"] == 48 and full["steps"] == 24 and full["num_test_examples"] == 16
     assert full["top1"] >= 0.75 and full["knn_top1"] >= 0.75, full  # two classes: chance 0.5
 
-    # A run that dies after 12 of its 24 steps: the tf.data stream resumes from step 8 by skipping.
+    # SIGTERM during step 7 of 24 (the loop fetches batch 7 one step ahead): the run saves step
+    # 7 and stops; the rerun resumes the tf.data stream there by skipping 7 batches.
     killed = str(tmp_path / "killed")
     real = data.labelled_train_iterator
 
-    def dying(*args, **kwargs):
+    def terminated(*args, **kwargs):
         it = real(*args, **kwargs)
-        for _ in range(12):
+        for i in range(10**6):
+            if i == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
             yield next(it)
-        raise KeyboardInterrupt
 
-    data.labelled_train_iterator = dying
+    data.labelled_train_iterator = terminated
     try:
-        with pytest.raises(KeyboardInterrupt):
-            linear_eval.linear_eval(config, killed)
+        stopped = linear_eval.linear_eval(config, killed)
     finally:
         data.labelled_train_iterator = real
-    assert sorted(os.listdir(checkpoint.checkpoint_dir(killed))) == ["8"]
+    assert stopped["preempted"] and not os.path.exists(os.path.join(killed, "linear_eval.json"))
+    assert sorted(os.listdir(checkpoint.checkpoint_dir(killed))) == ["7"]
     resumed = linear_eval.linear_eval(config, killed)
     for key in ("top1", "top5", "knn_top1"):
         assert resumed[key] == full[key]

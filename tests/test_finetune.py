@@ -88,6 +88,8 @@ def test_finetune_learns_and_resumes_after_a_kill_to_the_same_result(
     assert [h["step"] for h in saved["history"]] == [22, 44, 66]
     rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == [20, 40, 60, 66]
+    page = open(run_modes.run("report", config, str(tmp_path / "full"), False)).read()
+    assert "Downstream results" in page and "eval_top1.png" in page and "No eval.json" not in page
 
     workdir = str(tmp_path / "killed")
     _kill_after(monkeypatch, 30)  # the checkpoint of step 25 survives
@@ -116,6 +118,8 @@ def test_linear_eval_of_the_workdir_checkpoint_learns(pretrained):
     # Its run files live beside the pretraining run's, which stays untouched.
     assert os.listdir(checkpoint.checkpoint_dir(pretrained)) == ["20"]
     assert os.path.exists(os.path.join(linear_eval.run_dir(config, pretrained), "metrics.jsonl"))
+    page = open(run_modes.run("report", config, pretrained, False)).read()
+    assert "Downstream results" in page and "linear_eval_loss.png" in page
 
 
 def test_label_fraction_is_class_balanced_and_seeded():
