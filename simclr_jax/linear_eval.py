@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from simclr_jax import config_base, data, downstream, downstream_run, knn, parallel
+from simclr_jax import config_base, data, downstream, downstream_run, knn, parallel, probe
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,24 @@ def linear_eval(
     model = downstream.build_classifier(source.model_config, 0, info.num_classes, freeze=True)
     variables = downstream.initial_variables(model, source, config.augment.image_size)
     section = config.linear_eval
-    run = downstream_run.ClassifierRun("linear_eval", model, variables, section)
-    result = downstream_run.run_classifier(
-        config, run, mesh, run_dir(config, workdir), allow_change=allow_config_change
-    )
-    if result["preempted"]:
-        return result
-    if section.knn:
-        k = knn.knn_evaluate(
-            downstream.apply_encoder(model), result["variables"], config, mesh, info.num_classes
+    if section.precompute_features:
+        result = _fast_probe(config, model, variables, mesh, info.num_classes)
+    else:
+        run = downstream_run.ClassifierRun("linear_eval", model, variables, section)
+        result = downstream_run.run_classifier(
+            config, run, mesh, run_dir(config, workdir), allow_change=allow_config_change
         )
-        result.update(knn_top1=k["top1"], knn_top5=k["top5"])
+        if result["preempted"]:
+            return result
+        if section.knn:
+            k = knn.knn_evaluate(
+                downstream.apply_encoder(model),
+                result["variables"],
+                config,
+                mesh,
+                info.num_classes,
+            )
+            result.update(knn_top1=k["top1"], knn_top5=k["top5"])
     result.update(source=os.path.abspath(source.path), job="linear_eval", config=config.to_dict())
     downstream.write_result(workdir, "linear_eval", result)
     if jax.process_index() == 0:
@@ -66,4 +73,38 @@ def linear_eval(
             f"({result['num_labels']} labels, {section.epochs:g} epochs, {source.path})",
             flush=True,
         )
+    return result
+
+
+def _fast_probe(
+    config: ml_collections.ConfigDict,
+    model: downstream.Classifier,
+    variables: dict[str, Any],
+    mesh: Any,
+    num_classes: int,
+) -> dict[str, Any]:
+    """`linear_eval.precompute_features`: one feature pass per split, the probe and kNN on them."""
+    apply_fn = downstream.apply_encoder(model)
+    variables = jax.device_put(variables, parallel.replicated(mesh))
+    banks = [knn.feature_bank(apply_fn, variables, config, mesh, s) for s in ("train", "test")]
+    section = config.linear_eval
+    lin = probe.linear_probe(
+        *banks,
+        num_classes,
+        section,
+        mesh,
+        epochs=section.epochs,
+        seed=config.seed,
+        trust_coefficient=config.optim.trust_coefficient,
+    )
+    result = {**lin, "epochs": float(section.epochs), "precompute_features": True}
+    if section.knn:
+        k = knn.knn_on_banks(
+            *banks,
+            mesh,
+            k=config.eval.knn_k,
+            temperature=config.eval.knn_temperature,
+            num_classes=num_classes,
+        )
+        result.update(knn_top1=k["top1"], knn_top5=k["top5"])
     return result

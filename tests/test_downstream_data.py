@@ -138,3 +138,12 @@ def test_official_subset_reads_the_tfds_subset_builder(monkeypatch):
     assert (keep, subset) == (None, "10pct") and n == 6
     assert built and set(built) == {"imagenet2012_subset/10pct"}
     assert batch["image"].shape == (4, 8, 8, 3) and batch["label"].dtype == np.int32
+
+
+def test_fast_probe_on_precomputed_features(folder, export, tmp_path):
+    config = _config(folder, export)
+    config.linear_eval.precompute_features = True
+    result = linear_eval.linear_eval(config, str(tmp_path))
+    assert result["num_labels"] == 48 and result["num_examples"] == 16
+    assert result["top1"] >= 0.75 and result["knn_top1"] >= 0.75, result
+    assert json.load(open(tmp_path / "linear_eval.json"))["precompute_features"]
