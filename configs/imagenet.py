@@ -51,7 +51,8 @@ def get_config():
     c.optim.weight_decay = 1e-6
     c.optim.warmup_epochs = 10.0
     c.eval.batch_size = 1024
-    c.eval.linear_epochs = 10.0
+    c.eval.linear_epochs = 10.0  # fast probe on the 50k capped features
+    c.eval.linear_batch_size = 4096
 
     # --mode=linear_eval reproduces the official command (google-research/simclr): 90 epochs,
     # global batch 4096, momentum SGD (Nesterov), LR 0.1 x B/256, no warm-up, weight decay 1e-6,

@@ -101,7 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.knn_temperature = 0.1
     # End-of-run linear probe: config.linear_eval's protocol for this many epochs (a bounded
     # budget; data.eval_max_examples caps the examples it reads).
-    c.eval.linear_epochs = 10.0
+    c.eval.linear_epochs = 100.0
+    c.eval.linear_batch_size = 256  # its global batch (the other keys: config.linear_eval)
     # 'features': the fast probe on centre-crop features extracted once (shared with the kNN);
     # 'streamed': the augmented --mode=linear_eval run, for eval.linear_epochs.
     c.eval.linear_mode = "features"
@@ -237,6 +238,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         check(s.weight_decay >= 0, f"{name}.weight_decay", s.weight_decay, ">= 0")
         check(s.warmup_epochs >= 0, f"{name}.warmup_epochs", s.warmup_epochs, ">= 0")
     check(c.eval.linear_epochs > 0, "eval.linear_epochs", c.eval.linear_epochs, "> 0")
+    check(
+        isinstance(c.eval.linear_batch_size, int) and c.eval.linear_batch_size > 0,
+        "eval.linear_batch_size",
+        c.eval.linear_batch_size,
+        "a positive integer",
+    )
     check(
         c.eval.linear_mode in ("features", "streamed"),
         "eval.linear_mode",

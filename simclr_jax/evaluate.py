@@ -43,20 +43,21 @@ def evaluate_encoder(
         knn.feature_bank(apply_fn, variables, config, mesh, split, 0, cap)
         for split in ("train", "test")
     ]
+    section = config.linear_eval.copy_and_resolve_references()
+    with section.unlocked():
+        section.epochs = config.eval.linear_epochs
+        section.batch_size = config.eval.linear_batch_size
     if config.eval.linear_mode == "features":
         lin = probe.linear_probe(
             *banks,
             num_classes,
-            config.linear_eval,
+            section,
             mesh,
-            epochs=config.eval.linear_epochs,
+            epochs=section.epochs,
             seed=config.seed,
             trust_coefficient=config.optim.trust_coefficient,
         )
     else:
-        section = config.linear_eval.copy_and_resolve_references()
-        with section.unlocked():
-            section.epochs = config.eval.linear_epochs
         run = downstream_run.ClassifierRun("eval", model, variables, section, max_examples=cap)
         lin = downstream_run.run_classifier(config, run, mesh, None, show_progress=False)
     nn = knn.knn_on_banks(

@@ -147,3 +147,16 @@ def test_fast_probe_on_precomputed_features(folder, export, tmp_path):
     assert result["num_labels"] == 48 and result["num_examples"] == 16
     assert result["top1"] >= 0.75 and result["knn_top1"] >= 0.75, result
     assert json.load(open(tmp_path / "linear_eval.json"))["precompute_features"]
+
+
+def test_a_dataset_without_labels_is_refused_at_start(export, tmp_path, monkeypatch):
+    class Unlabelled:  # a tfds builder whose examples have no 'label' feature
+        class info:  # noqa: N801
+            features = {"image": None}
+
+    monkeypatch.setattr(data, "_tfds_builder", lambda config: Unlabelled())
+    monkeypatch.setattr(data, "dataset_info", lambda config: data.DatasetInfo("stl10", 10, 1, 1, 8))
+    config = tiny_config(dataset="stl10", init_from=export)
+    with pytest.raises(ValueError, match="dataset='stl10' has no labels for split 'test'"):
+        finetune.finetune(config, str(tmp_path / "ft"))
+    assert not os.path.exists(tmp_path / "ft")
