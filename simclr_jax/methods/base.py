@@ -9,11 +9,14 @@ A method is one module in `simclr_jax/methods/` that builds a `Method` and passe
   + online linear head; BYOL and SimSiam add a predictor);
 - `init_state(config, variables, key, num_train_examples)`: its extra state (EMA target,
   queue, bank) as a pytree, or None; it lives in `TrainState.method_state`, so it is
-  replicated, donated, checkpointed and restored with the rest;
+  donated, checkpointed and restored with the rest (replicated unless `state_sharding`
+  shards it, e.g. InstDisc's memory bank by rows);
 - `train_step(state, batch, *, model, tx, schedule, config, mesh, total_steps)`: the pure
   update on the views the shared step makes (`train_state.make_views`);
 - `resolve(config, total_steps, num_train_examples)`: run-length-dependent settings, returning
   warnings for the user (e.g. an EMA time constant longer than the run).
+- `state_sharding(mesh, method_state)`: NamedShardings for the extra state (None: replicated);
+- `needs_index`: the batches carry `'index'`, each example's position in the training split.
 """
 
 from __future__ import annotations
@@ -60,6 +63,12 @@ class Method:
     build_model: Callable[[Any, int], Any] = models.create_model
     init_state: Callable[[Any, Any, jax.Array, int], Any] = no_extra_state
     resolve: Callable[[Any, int, int], list[str]] = nothing_to_resolve
+    # Shardings of `method_state` (a pytree of NamedShardings for `state_sharding(mesh,
+    # abstract method_state)`); None: replicated, like the rest of the state.
+    state_sharding: Callable[[Any, Any], Any] | None = None
+    # True: pretraining batches carry 'index' int32 [b], each example's position in the
+    # training split (the same on every host and after a resume), e.g. for a memory bank.
+    needs_index: bool = False
 
 
 REGISTRY: dict[str, Method] = {}
@@ -83,6 +92,14 @@ def get(name: str) -> Method:
     if name not in REGISTRY:
         raise ConfigError(f"config.method={name!r} is invalid: one of {names()}")
     return REGISTRY[name]
+
+
+def train_apply(model: Any, params: Any, batch_stats: Any, x: jax.Array) -> tuple[dict, Any]:
+    """The network in train mode (BN over the global batch): its outputs and new BN statistics."""
+    out, new_vars = model.apply(
+        {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
+    return out, new_vars["batch_stats"]
 
 
 def apply_gradients(

@@ -78,16 +78,10 @@ def init_state(config: Any, variables: dict[str, Any], key: jax.Array, n: int) -
 
 def target_projections(model: Any, method_state: dict[str, Any], x: jax.Array) -> tuple[Any, Any]:
     """The target network's stop-gradient projections of `x` and its new BN statistics."""
-    out, new_vars = model.apply(
-        {
-            "params": method_state["target_params"],
-            "batch_stats": method_state["target_batch_stats"],
-        },
-        x,
-        train=True,
-        mutable=["batch_stats"],
+    out, stats = base.train_apply(
+        model, method_state["target_params"], method_state["target_batch_stats"], x
     )
-    return jax.lax.stop_gradient(out["projection"]), jax.lax.stop_gradient(new_vars["batch_stats"])
+    return jax.lax.stop_gradient(out["projection"]), jax.lax.stop_gradient(stats)
 
 
 def train_step(
@@ -111,17 +105,12 @@ def train_step(
     z_target = z_target.reshape(b, 2, -1)
 
     def loss_fn(params):
-        out, new_vars = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-        )
+        out, new_stats = base.train_apply(model, params, state.batch_stats, x)
         q = out["prediction"].reshape(b, 2, -1)
         loss = losses.byol_loss(q[:, 0], q[:, 1], z_target[:, 0], z_target[:, 1])
         linear = online_linear_metrics(out["logits"].reshape(b, 2, -1), labels)
         z = out["projection"].reshape(b, 2, -1)
-        aux = (loss, linear, new_vars["batch_stats"], (z[:, 0], z[:, 1], out["features"]))
+        aux = (loss, linear, new_stats, (z[:, 0], z[:, 1], out["features"]))
         return loss + linear["linear_loss"], aux
 
     grads, (loss, linear, batch_stats, embeddings) = jax.grad(loss_fn, has_aux=True)(state.params)

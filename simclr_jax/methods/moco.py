@@ -127,14 +127,9 @@ def key_embeddings(
 
     Train-mode BN (global batch statistics), as MoCo runs its key encoder in train mode.
     """
-    out, new_vars = model.apply(
-        {"params": key_params, "batch_stats": key_batch_stats},
-        x,
-        train=True,
-        mutable=["batch_stats"],
-    )
+    out, new_stats = base.train_apply(model, key_params, key_batch_stats, x)
     keys = jax.lax.stop_gradient(losses.l2_normalize(out["projection"]))
-    return keys, jax.lax.stop_gradient(new_vars["batch_stats"])
+    return keys, jax.lax.stop_gradient(new_stats)
 
 
 def _sharded_info_nce(
@@ -168,12 +163,7 @@ def moco_loss(
     """
     ms = state.method_state
     keys, key_batch_stats = key_embeddings(model, ms["key_params"], ms["key_batch_stats"], x_k)
-    out, new_vars = model.apply(
-        {"params": params, "batch_stats": state.batch_stats},
-        x_q,
-        train=True,
-        mutable=["batch_stats"],
-    )
+    out, new_stats = base.train_apply(model, params, state.batch_stats, x_q)
     info_nce = _sharded_info_nce(mesh, config.moco.temperature)
     loss, acc = info_nce(out["projection"], keys, jax.lax.stop_gradient(ms["queue"]))
     linear = online_linear_metrics(out["logits"][:, None], labels)
@@ -183,7 +173,7 @@ def moco_loss(
         "queries": out["projection"],
         "features": out["features"],
         "keys": keys,
-        "batch_stats": new_vars["batch_stats"],
+        "batch_stats": new_stats,
         "key_batch_stats": key_batch_stats,
     }
     return loss + linear["linear_loss"], aux

@@ -83,18 +83,13 @@ def train_step(
     )
 
     def loss_fn(params):
-        out, new_vars = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-        )
+        out, new_stats = base.train_apply(model, params, state.batch_stats, x)
         z = out["projection"].reshape(batch_size, 2, -1)
         loss, metrics = nt_xent(z[:, 0], z[:, 1])
         linear = online_linear_metrics(out["logits"].reshape(batch_size, 2, -1), labels)
         metrics = {**metrics, **linear}
         embeddings = (z[:, 0], z[:, 1], out["features"])
-        aux = (loss, metrics, new_vars["batch_stats"], embeddings)
+        aux = (loss, metrics, new_stats, embeddings)
         return loss + linear["linear_loss"], aux
 
     grads, (loss, metrics, batch_stats, embeddings) = jax.grad(loss_fn, has_aux=True)(state.params)

@@ -64,19 +64,14 @@ def train_step(
     b = labels.shape[0]
 
     def loss_fn(params):
-        out, new_vars = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-        )
+        out, new_stats = base.train_apply(model, params, state.batch_stats, x)
         p = out["prediction"].reshape(b, 2, -1)
         z = out["projection"].reshape(b, 2, -1)
         loss = losses.simsiam_loss(
             p[:, 0], p[:, 1], z[:, 0], z[:, 1], stop_gradient=config.simsiam.stop_gradient
         )
         linear = online_linear_metrics(out["logits"].reshape(b, 2, -1), labels)
-        aux = (loss, linear, new_vars["batch_stats"], (z[:, 0], z[:, 1], out["features"]))
+        aux = (loss, linear, new_stats, (z[:, 0], z[:, 1], out["features"]))
         return loss + linear["linear_loss"], aux
 
     grads, (loss, linear, batch_stats, embeddings) = jax.grad(loss_fn, has_aux=True)(state.params)
