@@ -1,6 +1,9 @@
 """Test set-up: 8 virtual CPU devices and the fast CPU convolution path, before JAX starts."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
     [
@@ -10,6 +13,15 @@ os.environ["XLA_FLAGS"] = " ".join(
     ]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, its subprocesses included (CLI and
+# multi-process tests): the tiny models' identical steps compile once, not once per test. Keyed
+# by the HLO, JAX version and flags, so a hit runs the same executable a compile would give.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="simclr_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # PyTorch's triton segfaults when it loads after TensorFlow in one process (both bundle LLVM);
