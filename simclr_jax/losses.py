@@ -265,3 +265,37 @@ def simsiam_loss(
         z1, z2 = jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2)
     per_example = -0.5 * (cosine_similarity(p1, z2) + cosine_similarity(p2, z1))
     return global_mean(per_example, axis_name)
+
+
+def instdisc_nce(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    negatives: jnp.ndarray,
+    temperature: float,
+    log_z: jnp.ndarray,
+    num_data: int | jnp.ndarray,
+    axis_name: AxisName = None,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """InstDisc's NCE loss (Wu et al. 2018, eq. 6): the positive vs K noise samples.
+
+    With `P(i|v) = exp(v_i . f / t) / Z` (Z = `exp(log_z)`) and uniform noise `P_n = 1/n` for
+    `n = num_data` examples, `h(i, f) = P(i|f) / (P(i|f) + K P_n)`; the loss per query is
+    `-log h(pos) - sum_K log(1 - h(neg))`, here in log space. `q [N, D]` queries,
+    `k [N, D]` their positives (bank rows), `negatives [K, D]` shared by all queries; all are
+    L2-normalised here. Returns `(mean loss, accuracy of the positive among the K + 1)`; with
+    `axis_name`, means over the global batch.
+    """
+    if q.ndim != 2 or q.shape != k.shape:
+        raise ValueError(f"q and k must both be [N, D]; got {q.shape} and {k.shape}")
+    if negatives.ndim != 2 or negatives.shape[1] != q.shape[1]:
+        raise ValueError(f"negatives must be [K, {q.shape[1]}]; got {negatives.shape}")
+    q, k, negatives = l2_normalize(q), l2_normalize(k), l2_normalize(negatives)
+    pos = jnp.sum(q * k, axis=-1) / temperature
+    neg = jnp.dot(q, negatives.T, precision=jax.lax.Precision.HIGHEST) / temperature
+    log_noise = jnp.log(negatives.shape[0] / jnp.asarray(num_data, jnp.float32))  # log K P_n
+    lp_pos, lp_neg = pos - log_z, neg - log_z  # log P(i|f)
+    per_query = -(lp_pos - jnp.logaddexp(lp_pos, log_noise)) - jnp.sum(
+        log_noise - jnp.logaddexp(lp_neg, log_noise), axis=-1
+    )
+    correct = (pos > jnp.max(neg, axis=-1)).astype(jnp.float32)
+    return global_mean(per_query, axis_name), global_mean(jax.lax.stop_gradient(correct), axis_name)

@@ -70,6 +70,29 @@ def _state_initializer(
     return init
 
 
+def state_shardings(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    num_train_examples: int | None = None,
+) -> Any:
+    """The state's shardings: a TrainState of NamedShardings (or one replicated sharding).
+
+    Everything is replicated except `method_state` when the method shards it
+    (`Method.state_sharding`, e.g. InstDisc's memory bank by rows over 'data').
+    """
+    rep = parallel.replicated(mesh)
+    method = methods.get(config.method)
+    if method.state_sharding is None:
+        return rep
+    shapes = jax.eval_shape(_state_initializer(config, model, tx, num_train_examples))
+    shardings = jax.tree.map(lambda _: rep, shapes)
+    if shapes.method_state is None:
+        return shardings
+    return shardings.replace(method_state=method.state_sharding(mesh, shapes.method_state))
+
+
 def create_train_state(
     config: ml_collections.ConfigDict,
     model: Any,
@@ -77,9 +100,10 @@ def create_train_state(
     mesh: Mesh,
     num_train_examples: int | None = None,
 ) -> TrainState:
-    """Builds the initial state directly on the mesh (replicated), from `config.seed`."""
+    """Builds the initial state directly on the mesh (`state_shardings`), from `config.seed`."""
     init = _state_initializer(config, model, tx, num_train_examples)
-    return jax.jit(init, out_shardings=parallel.replicated(mesh))()
+    shardings = state_shardings(config, model, tx, mesh, num_train_examples)
+    return jax.jit(init, out_shardings=shardings)()
 
 
 def abstract_train_state(
@@ -89,10 +113,14 @@ def abstract_train_state(
     mesh: Mesh,
     num_train_examples: int | None = None,
 ) -> TrainState:
-    """Shapes, dtypes and (replicated) shardings of the state, without computing it."""
+    """Shapes, dtypes and shardings (`state_shardings`) of the state, without computing it."""
     shapes = jax.eval_shape(_state_initializer(config, model, tx, num_train_examples))
-    rep = parallel.replicated(mesh)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), shapes)
+    shardings = state_shardings(config, model, tx, mesh, num_train_examples)
+    if not isinstance(shardings, TrainState):
+        shardings = jax.tree.map(lambda _: shardings, shapes)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
 
 
 def compile_train_step(
@@ -102,11 +130,14 @@ def compile_train_step(
     schedule: optax.Schedule,
     mesh: Mesh,
     total_steps: int = 0,
+    num_train_examples: int | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """The method's step jitted once over the mesh: state replicated and donated, batch on 'data'.
+    """The method's step jitted once over the mesh: state donated, batch on 'data'.
 
     `config.method` picks the registered step; `total_steps` (the run length, default
     `config.total_steps`) drives the last monitor step and run-length-dependent schedules.
+    The state keeps its `state_shardings` (replicated, except a method's sharded state, sized
+    for `num_train_examples`, default the dataset's).
     """
     step = functools.partial(
         methods.get(config.method).train_step,
@@ -117,10 +148,11 @@ def compile_train_step(
         mesh=mesh,
         total_steps=total_steps,
     )
+    shardings = state_shardings(config, model, tx, mesh, num_train_examples)
     return jax.jit(
         step,
-        in_shardings=(parallel.replicated(mesh), parallel.data_sharded(mesh)),
-        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+        in_shardings=(shardings, parallel.data_sharded(mesh)),
+        out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=(0,),
     )
 
@@ -167,9 +199,13 @@ def train_and_evaluate(
     parallel.barrier("simclr_config_checked")
     loop.write_config(config, workdir)
 
-    step_fn = compile_train_step(config, model, tx, schedule, mesh, total_steps=total_steps)
+    step_fn = compile_train_step(
+        config, model, tx, schedule, mesh, total_steps=total_steps, num_train_examples=n_train
+    )
     monitor_every, last_monitors = monitors.cadence(config), None
-    host_iter = data.pretrain_iterator(config, start_step=start_step)
+    host_iter = data.pretrain_iterator(
+        config, start_step=start_step, with_index=methods.get(config.method).needs_index
+    )
     batches = loop.device_batches(host_iter, mesh)
     writer = MetricWriter(workdir)
     is_main = jax.process_index() == 0
