@@ -81,15 +81,21 @@ def peak_flops(device, dtype: str) -> float | None:
     return None
 
 
-def run(args) -> dict:
-    """Compiles and times the step; returns the table row."""
+def build(args) -> tuple[Any, Any, Any]:
+    """The compiled step, its state and a synthetic batch on the devices, for `args`.
+
+    `run` reads the config, mesh and compile time from `build.last`.
+    """
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from simclr_jax import models, optim, parallel, train
 
     config = load_config(args)
+    if getattr(args, "im2col_max_pixels", -1) >= 0:
+        # The module (simclr_jax.models re-exports a function of the same name).
+        resnet = importlib.import_module("simclr_jax.models.resnet")
+        resnet.IM2COL_MAX_PIXELS = args.im2col_max_pixels
     mesh = parallel.make_mesh()
     model = models.create_model(config, num_classes=10)
     shapes = jax.eval_shape(
@@ -116,7 +122,17 @@ def run(args) -> dict:
 
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
+    build.last = {"config": config, "mesh": mesh, "compile_s": time.perf_counter() - t0}
+    return compiled, state, batch
+
+
+def run(args) -> dict:
+    """Compiles and times the step; returns the table row."""
+    import jax
+
+    compiled, state, batch = build(args)
+    config, mesh, compile_s = (build.last[k] for k in ("config", "mesh", "compile_s"))
+    size = config.data.image_size
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
@@ -159,7 +175,6 @@ def run(args) -> dict:
         "data_wait": wait_share,
         "xla_cpu_flags": "on" if "ynn" in os.environ.get("XLA_FLAGS", "") else "off",
     }
-    del jnp
     return row
 
 
@@ -267,6 +282,12 @@ def main() -> None:
     p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--no_augment", action="store_true")
+    p.add_argument(
+        "--im2col_max_pixels",
+        type=int,
+        default=-1,
+        help="override resnet.IM2COL_MAX_PIXELS (0: every conv through lax.conv; -1: the default)",
+    )
     p.add_argument(
         "--host_size",
         type=int,

@@ -1,0 +1,95 @@
+"""The im2col + dot formulation of small-map convolutions equals lax.conv in value and gradient."""
+
+import importlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from tests.tolerances import assert_trees_close
+
+resnet = importlib.import_module("simclr_jax.models.resnet")  # the package re-exports a function
+
+CASES = [  # (map side, Cin, Cout, kernel, stride): 2x2 outputs as in the digits default's stage 4
+    (2, 8, 16, 3, 1),
+    (4, 8, 16, 3, 2),
+    (4, 8, 16, 1, 2),
+    (3, 4, 8, 3, 2),  # odd map: pads reach past the edge
+    (1, 4, 8, 3, 1),
+]
+
+
+def _reference(x, k, stride):
+    pad = [(k.shape[0] // 2,) * 2, (k.shape[1] // 2,) * 2]
+    return lax.conv_general_dilated(
+        x, k, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@pytest.mark.parametrize("side,cin,cout,ksize,stride", CASES)
+def test_value_and_grad_equal_lax_conv(side, cin, cout, ksize, stride):
+    x = jax.random.normal(jax.random.key(0), (6, side, side, cin))
+    k = jax.random.normal(jax.random.key(1), (ksize, ksize, cin, cout)) / np.sqrt(cin * ksize**2)
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+    pad = [(ksize // 2,) * 2] * 2
+
+    def loss(f):
+        return lambda x, k: jnp.sum(jnp.sin(f(x, k)))
+
+    def im2col(x, k):
+        return resnet.conv_small_maps(x, k, (stride, stride), pad, dimension_numbers=dn)
+
+    def ref(x, k):
+        return _reference(x, k, stride)
+
+    n = x.shape[0] * side * side * ksize * ksize * cin  # the longest sum (the kernel gradient)
+    y, y_ref = jax.jit(im2col)(x, k), jax.jit(ref)(x, k)
+    assert y.shape == y_ref.shape
+    assert_trees_close(y, y_ref, reduction_len=n, depth=1)
+    g = jax.jit(jax.grad(loss(im2col), argnums=(0, 1)))(x, k)
+    g_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(x, k)
+    assert_trees_close(g, g_ref, reduction_len=n, depth=2)
+    jaxpr = str(jax.make_jaxpr(im2col)(x, k))
+    assert "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr
+
+
+def test_large_maps_keep_lax_conv():
+    x, k = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 8))
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+    jaxpr = str(
+        jax.make_jaxpr(
+            lambda x, k: resnet.conv_small_maps(x, k, (1, 1), [(1, 1)] * 2, dimension_numbers=dn)
+        )(x, k)
+    )
+    assert "conv_general_dilated" in jaxpr
+
+
+def test_block_params_and_grads_unchanged(monkeypatch):
+    """A strided basic block onto 2x2 maps (as the digits default's stage 4) with and without."""
+    import functools
+
+    norm = functools.partial(nn.BatchNorm, use_running_average=False)
+    block = resnet.BasicBlock(filters=16, strides=2, conv=resnet._conv, norm=norm)
+    x = jax.random.normal(jax.random.key(2), (8, 4, 4, 8))
+
+    def init_and_grads():
+        variables = block.init(jax.random.key(0), x)
+
+        def loss(params):
+            y, _ = block.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(y))
+
+        return variables, jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+    monkeypatch.setattr(resnet, "IM2COL_MAX_PIXELS", 0)
+    ref_vars, ref = init_and_grads()
+    monkeypatch.setattr(resnet, "IM2COL_MAX_PIXELS", 4)
+    variables, got = init_and_grads()
+    # Same param names, shapes and init: checkpoints, exports and official imports are unaffected.
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, ref_vars)
+    assert_trees_close(variables, ref_vars, reduction_len=1, depth=1)
+    n = 8 * 2 * 2 * 9 * 16  # the longest sum: a kernel gradient
+    assert_trees_close(got, ref, reduction_len=n, depth=3 * 3 * 2)
