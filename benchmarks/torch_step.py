@@ -106,6 +106,7 @@ def torch_step_fn(batch_size: int, size: int, width: int, augment: bool, threads
         return x.contiguous(memory_format=torch.channels_last)
 
     def step():
+        torch.set_num_threads(threads)  # global in PyTorch: each row sets its own
         z, logits = net(views(images))
         z = F.normalize(z, dim=1)
         n = z.shape[0] // 2
