@@ -73,6 +73,36 @@ def load_config(args):
     return c
 
 
+def compare_im2col(args, values: list[int], rounds: int = 3) -> None:
+    """Compiles the step for each `resnet.IM2COL_MAX_PIXELS` value, alternates them round by
+    round (so all see the same machine load) and prints median wall and CPU ms/step."""
+    import jax
+    import numpy as np
+
+    runs = []
+    for v in values:
+        args.im2col_max_pixels = v
+        compiled, state, batch = build(args)
+        state, m = compiled(state, batch)  # warm-up
+        jax.block_until_ready(m)
+        runs.append([v, compiled, state, batch, [], []])
+    for _ in range(rounds):
+        for r in runs:
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                r[2], m = r[1](r[2], r[3])
+            jax.block_until_ready((r[2], m))
+            r[4].append((time.perf_counter() - t0) / args.steps)
+            r[5].append((time.process_time() - c0) / args.steps)
+    base_wall, base_cpu = float(np.median(runs[0][4])), float(np.median(runs[0][5]))
+    print(f"load average {os.getloadavg()[0]:.1f}")
+    print("| im2col_max_pixels | ms/step | ratio | CPU ms/step | CPU ratio |")
+    print("|---|---|---|---|---|")
+    for v, *_, wall, cpu in runs:
+        w, c = float(np.median(wall)), float(np.median(cpu))
+        print(f"| {v} | {1e3 * w:.0f} | {w / base_wall:.2f} | {1e3 * c:.0f} | {c / base_cpu:.2f} |")
+
+
 def peak_flops(device, dtype: str) -> float | None:
     """The device kind's peak FLOP/s from PEAK_FLOPS, or None when unknown (CPU)."""
     for name, peaks in PEAK_FLOPS.items():
@@ -300,6 +330,11 @@ def main() -> None:
         choices=["on", "off", "both"],
         help="XLA:CPU flags of simclr_jax.platform_flags (CPU only)",
     )
+    p.add_argument(
+        "--compare_im2col",
+        default="",
+        help="e.g. 0,4: A/B these --im2col_max_pixels values in one process, alternated",
+    )
     p.add_argument("--with_input", action="store_true")
     p.add_argument(
         "--profile_dir", default="", help="also trace 3 steps there and print the top ops"
@@ -323,6 +358,9 @@ def main() -> None:
         from simclr_jax import platform_flags
 
         platform_flags.set_cpu_flags()
+    if args.compare_im2col:
+        compare_im2col(args, [int(v) for v in args.compare_im2col.split(",")])
+        return
     row = run(args)
     print(json.dumps(row) if args.json else "", end="\n" if args.json else "")
     if not args.json:
