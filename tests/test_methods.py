@@ -204,6 +204,8 @@ def test_simsiam_without_stop_gradient_collapses(simsiam_run):
     _, collapsed, _ = _hand_run(collapsing, jax.devices(), collapsing.total_steps)
     (rank0, _), *_, (rank_sg, uniform_sg) = _monitors(metrics)
     *_, (rank_no_sg, uniform_no_sg) = _monitors(collapsed)
-    assert float(collapsed[-1]["loss"]) < -0.8  # predictions match their own projections
+    # Predictions come to match their own projections: the loss heads to -1, far below the
+    # real method's at the same step (about -0.3).
+    assert float(collapsed[-1]["loss"]) < min(-0.6, float(metrics[-1]["loss"]) - 0.25)
     assert uniform_no_sg > -0.5 and uniform_sg < -1.5  # 0: every embedding at one point
     assert rank_no_sg < 0.6 * rank0 and rank_no_sg < 0.75 * rank_sg
