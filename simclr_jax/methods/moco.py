@@ -190,7 +190,7 @@ def moco_train_step(
     mesh: Mesh,
     total_steps: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One MoCo v2 update: same contract as `train.train_step` (pure, key from the state).
+    """One MoCo v2 update: the contract of every method step (pure, key from the state).
 
     Order: InfoNCE of queries against [key, queue] -> optimizer update of the query encoder ->
     EMA of the key encoder towards the updated query encoder -> enqueue this step's global keys.
