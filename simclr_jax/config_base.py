@@ -9,7 +9,14 @@ import ml_collections
 from simclr_jax import methods
 from simclr_jax.config_checks import ConfigError, check
 
-__all__ = ["ConfigError", "base_config", "config_diff", "sibling_config", "validate_config"]
+__all__ = [
+    "ConfigError",
+    "base_config",
+    "config_diff",
+    "flatten",
+    "sibling_config",
+    "validate_config",
+]
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "imagenet2012", "image_folder")
 
 
@@ -273,11 +280,12 @@ RESUME_SAFE_KEYS = (
 )
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as `{'a.b.c': value}` (dotted keys, as `--config.a.b.c` names them)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -289,8 +297,8 @@ def config_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
     A key the saved run predates counts as its `base_config` default: code without the key
     behaved as the default does (new keys keep the old behaviour at their default).
     """
-    a, b = _flatten(saved), _flatten(new)
-    defaults = _flatten(base_config().to_dict())
+    a, b = flatten(saved), flatten(new)
+    defaults = flatten(base_config().to_dict())
     a.update({k: defaults[k] for k in set(b) - set(a) if k in defaults})
     lines = []
     for key in sorted(set(a) | set(b)):

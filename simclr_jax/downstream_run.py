@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from simclr_jax import checkpoint, data, loop, parallel
+from simclr_jax import checkpoint, config_base, data, loop, parallel
 from simclr_jax.downstream import (
     Classifier,
     ClassifierState,
@@ -54,16 +54,6 @@ RESUME_SAFE_KEYS = (
 )
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_run_dir(
     config: ml_collections.ConfigDict, run_dir: str, job: str, allow_change: bool
 ) -> None:
@@ -84,8 +74,8 @@ def check_run_dir(
     if not os.path.exists(path):
         return
     with open(path) as f:
-        saved = _flat(json.load(f))
-    new = _flat(json.loads(config.to_json_best_effort()))
+        saved = config_base.flatten(json.load(f))
+    new = config_base.flatten(json.loads(config.to_json_best_effort()))
     diffs = [
         f"{k}: {saved.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
         for k in sorted(set(saved) | set(new))
