@@ -76,17 +76,20 @@ def state_shardings(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     num_train_examples: int | None = None,
+    shapes: TrainState | None = None,
 ) -> Any:
     """The state's shardings: a TrainState of NamedShardings (or one replicated sharding).
 
     Everything is replicated except `method_state` when the method shards it
-    (`Method.state_sharding`, e.g. InstDisc's memory bank by rows over 'data').
+    (`Method.state_sharding`, e.g. InstDisc's memory bank by rows over 'data'). `shapes`, the
+    state's `eval_shape` when the caller has it, saves tracing the initialiser again.
     """
     rep = parallel.replicated(mesh)
     method = methods.get(config.method)
     if method.state_sharding is None:
         return rep
-    shapes = jax.eval_shape(_state_initializer(config, model, tx, num_train_examples))
+    if shapes is None:
+        shapes = jax.eval_shape(_state_initializer(config, model, tx, num_train_examples))
     shardings = jax.tree.map(lambda _: rep, shapes)
     if shapes.method_state is None:
         return shardings
@@ -115,7 +118,7 @@ def abstract_train_state(
 ) -> TrainState:
     """Shapes, dtypes and shardings (`state_shardings`) of the state, without computing it."""
     shapes = jax.eval_shape(_state_initializer(config, model, tx, num_train_examples))
-    shardings = state_shardings(config, model, tx, mesh, num_train_examples)
+    shardings = state_shardings(config, model, tx, mesh, num_train_examples, shapes)
     if not isinstance(shardings, TrainState):
         shardings = jax.tree.map(lambda _: shardings, shapes)
     return jax.tree.map(
