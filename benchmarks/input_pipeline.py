@@ -13,7 +13,7 @@ Rows (timed after a warm-up; writing the files is not timed):
 * `image_folder host_size=0` (path `views`) -- the same with both views resized on the host.
 * `baseline decode_and_crop` -- plain tf.data on the same files and threads: read,
   `decode_and_crop_jpeg` of one random crop, `tf.image.resize` to 224, batch.
-* `cifar10 in-memory 32px` / `digits in-memory 16px` -- the numpy path (`data._memory_arrays`
+* `cifar10 in-memory 32px` / `digits in-memory 16px` -- the numpy path (`datasets.memory_arrays`
   patched to 50,000 random 32 px images for CIFAR, which is not downloaded here); one prefetch
   thread, no tf.data, so the thread count does not apply.
 
@@ -187,9 +187,9 @@ def project_batches(
 
 def baseline_batches(folder: str, threads: int, batch_size: int, size: int = 224) -> Iterator[Any]:
     """Plain tf.data: read, decode_and_crop_jpeg of one random crop, resize, batch."""
-    from simclr_jax import data
+    from simclr_jax import datasets
 
-    tf = data._tf()
+    tf = datasets.import_tf()
     files = tf.io.gfile.glob(os.path.join(folder, "train", "*", "*.jpg"))
 
     def prepare(position: Any, path: Any) -> Any:

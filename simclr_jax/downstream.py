@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from simclr_jax import augment, checkpoint, data, loop, models, optim, parallel
+from simclr_jax import augment, checkpoint, labelled_data, loop, models, optim, parallel
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def evaluate_classifier(
             out_shardings=rep,
         ),
     )
-    batches, n = data.eval_batches(
+    batches, n = labelled_data.eval_batches(
         config, "test", global_batch(config.eval.batch_size, mesh), max_examples=max_examples
     )
     total = jnp.zeros((3,), jnp.int32)

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from simclr_jax import checkpoint, config_base, data, loop, parallel
+from simclr_jax import checkpoint, config_base, labelled_data, loop, parallel
 from simclr_jax.downstream import (
     Classifier,
     ClassifierState,
@@ -119,8 +119,8 @@ def run_classifier(
     'num_labels', 'steps', 'epochs', 'history', 'variables', 'preempted'}`.
     """
     sec = run.section
-    data.labelled_size(config, "test")  # refuses a dataset without labels before writing
-    num_labels = data.labelled_size(
+    labelled_data.labelled_size(config, "test")  # refuses a dataset without labels before writing
+    num_labels = labelled_data.labelled_size(
         config, "train", keep=run.keep, subset=run.subset, max_examples=run.max_examples
     )
     keep = run.keep
@@ -237,7 +237,7 @@ def run_classifier(
     host_iter = None
     try:
         if step < total:
-            host_iter = data.labelled_train_iterator(
+            host_iter = labelled_data.labelled_train_iterator(
                 config,
                 batch,
                 keep=keep,

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from simclr_jax import config_base, data, downstream, downstream_run, parallel
+from simclr_jax import config_base, data, downstream, downstream_run, labelled_data, parallel
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,14 @@ def selection(config: ml_collections.ConfigDict) -> tuple[np.ndarray | None, str
     """(train indices to use or None, official subset name or '') of `config.finetune`."""
     f = config.finetune
     if f.subset:
-        if f.subset in data.OFFICIAL_SUBSETS:
-            data.labelled_size(config, "train", subset=f.subset)  # refuses a non-ImageNet dataset
+        if f.subset in labelled_data.OFFICIAL_SUBSETS:
+            labelled_data.labelled_size(
+                config, "train", subset=f.subset
+            )  # refuses a non-ImageNet dataset
             return None, f.subset
-        return data.subset_indices(config, f.subset), ""
+        return labelled_data.subset_indices(config, f.subset), ""
     if f.label_fraction < 1:
-        return label_subset(data.train_labels(config), f.label_fraction, config.seed), ""
+        return label_subset(labelled_data.train_labels(config), f.label_fraction, config.seed), ""
     return None, ""
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import data, loop, parallel
+from simclr_jax import labelled_data, loop, parallel
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -47,7 +47,7 @@ def feature_bank(
     """
     n = mesh.devices.size
     batch = max(n, (batch_size or config.eval.batch_size) // n * n)
-    batches, nb = data.eval_batches(config, split, batch, max_examples=max_examples)
+    batches, nb = labelled_data.eval_batches(config, split, batch, max_examples=max_examples)
     rep, sharded, bank_sh = (
         parallel.replicated(mesh),
         parallel.data_sharded(mesh),

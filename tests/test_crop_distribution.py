@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from simclr_jax import augment, data
+from simclr_jax import augment, data, streams
 
 AREA = (0.08, 1.0)
 ASPECT = (3 / 4, 4 / 3)
@@ -178,7 +178,7 @@ def test_pipeline_crops_exactly_the_sampled_windows(tmp_path, height, width, hos
             for b in batches
         ]
     views = np.concatenate([b["image"] for b in batches]).astype(np.float64)
-    windows = data.sample_crop_windows(height, width, data._host_seed(3, 0), len(views))
+    windows = data.sample_crop_windows(height, width, streams.host_seed(3, 0), len(views))
     lo, hi = size // 4, 3 * size // 4
     views, windows = views.reshape(-1, size, size, 3), windows.reshape(-1, 4)
     for view, (y, x, h, w) in zip(views, windows, strict=True):

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from simclr_jax import data
+from simclr_jax import data, datasets, decode, streams
 
 
 def make_config(
@@ -99,7 +99,7 @@ def test_digits_native_size_is_exact_rescale():
 def test_bilinear_upsampling_matches_jax_image_resize():
     images = np.random.default_rng(0).uniform(0, 16, (5, 8, 8)).astype(np.float32)
     expected = jax.image.resize(images, (5, 20, 20), "bilinear")
-    np.testing.assert_allclose(data._resize_bilinear(images, 20), expected, atol=1e-4)
+    np.testing.assert_allclose(datasets.resize_bilinear(images, 20), expected, atol=1e-4)
 
 
 def test_same_seed_same_batches_other_seed_different():
@@ -175,12 +175,12 @@ def test_prefetcher_reraises_and_stops_its_thread():
         yield {"x": np.zeros(1)}
         raise OSError("disk gone")
 
-    iterator = data._Prefetcher(failing(), 2)
+    iterator = streams.Prefetcher(failing(), 2)
     assert next(iterator)["x"].shape == (1,)
     with pytest.raises(OSError, match="disk gone"):
         next(iterator)
 
-    iterator = data._Prefetcher(itertools.repeat({"x": np.zeros(1)}), 2)
+    iterator = streams.Prefetcher(itertools.repeat({"x": np.zeros(1)}), 2)
     next(iterator)
     thread = iterator._thread
     del iterator
@@ -352,11 +352,11 @@ def test_jpeg_union_decodes_at_the_coarsest_scale_that_loses_nothing(union_size,
 
     from PIL import Image
 
-    tf = data._tf()
+    tf = datasets.import_tf()
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((1200, 1600, 3), np.uint8)).save(buffer, "JPEG")
     windows = tf.constant([[100, 96, 100, 100], [1000, 1396, 100, 100]], tf.int32)
-    union, local = data._decode_jpeg_windows(
+    union, local = decode.decode_jpeg_windows(
         tf.constant(buffer.getvalue()), tf.constant([1200, 1600, 3]), windows, 64, union_size
     )
     assert union.shape[0] == 1000 // ratio and abs(union.shape[1] - 1400 // ratio) <= 16 // ratio

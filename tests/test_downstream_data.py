@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tiny import tiny_config
 
-from simclr_jax import checkpoint, data, finetune, linear_eval, models
+from simclr_jax import checkpoint, data, datasets, finetune, labelled_data, linear_eval, models
 
 # The first names of google-research/simclr imagenet_subsets/1percent.txt (12,811 lines).
 OFFICIAL_1PCT_HEAD = ["n04235860_14959.JPEG", "n04239074_7724.JPEG", "n02096294_8485.JPEG"]
@@ -72,7 +72,7 @@ def test_streamed_linear_eval_learns_and_resumes_after_a_kill(folder, export, tm
     # SIGTERM during step 7 of 24 (the loop fetches batch 7 one step ahead): the run saves step
     # 7 and stops; the rerun resumes the tf.data stream there by skipping 7 batches.
     killed = str(tmp_path / "killed")
-    real = data.labelled_train_iterator
+    real = labelled_data.labelled_train_iterator
 
     def terminated(*args, **kwargs):
         it = real(*args, **kwargs)
@@ -81,11 +81,11 @@ def test_streamed_linear_eval_learns_and_resumes_after_a_kill(folder, export, tm
                 os.kill(os.getpid(), signal.SIGTERM)
             yield next(it)
 
-    data.labelled_train_iterator = terminated
+    labelled_data.labelled_train_iterator = terminated
     try:
         stopped = linear_eval.linear_eval(config, killed)
     finally:
-        data.labelled_train_iterator = real
+        labelled_data.labelled_train_iterator = real
     assert stopped["preempted"] and not os.path.exists(os.path.join(killed, "linear_eval.json"))
     assert sorted(os.listdir(checkpoint.checkpoint_dir(killed))) == ["7"]
     resumed = linear_eval.linear_eval(config, killed)
@@ -108,11 +108,13 @@ def test_subset_file_of_official_names_selects_those_images(folder, tmp_path):
     config.finetune.subset = str(names)
     keep, subset = finetune.selection(config)
     assert subset == "" and len(keep) == 2
-    paths = data._folder_splits(folder)[1]["train"][0][keep]
+    paths = datasets.folder_splits(folder)[1]["train"][0][keep]
     assert sorted(os.path.basename(p) for p in paths) == sorted(
         OFFICIAL_1PCT_HEAD[::2]
     )  # n04239074: no such class here
-    it = data.labelled_train_iterator(config, 2, keep=keep, process_index=0, process_count=1)
+    it = labelled_data.labelled_train_iterator(
+        config, 2, keep=keep, process_index=0, process_count=1
+    )
     assert sorted(next(it)["label"].tolist()) == [0, 1]
 
 
@@ -122,18 +124,20 @@ def test_official_subset_reads_the_tfds_subset_builder(monkeypatch):
     config.data.image_size = config.augment.image_size = 8
     config.finetune.subset = "10pct"
     built = []
-    real = data._tfds_builder
+    real = labelled_data.tfds_builder
 
     def spy(c):
         built.append(c.dataset)
         return real(c)
 
-    monkeypatch.setattr(data, "_tfds_builder", spy)
+    monkeypatch.setattr(labelled_data, "tfds_builder", spy)
     with tfds.testing.mock_data(num_examples=6):
         keep, subset = finetune.selection(config)
-        n = data.labelled_size(config, "train", subset=subset)
+        n = labelled_data.labelled_size(config, "train", subset=subset)
         batch = next(
-            data.labelled_train_iterator(config, 4, subset=subset, process_index=0, process_count=1)
+            labelled_data.labelled_train_iterator(
+                config, 4, subset=subset, process_index=0, process_count=1
+            )
         )
     assert (keep, subset) == (None, "10pct") and n == 6
     assert built and set(built) == {"imagenet2012_subset/10pct"}
@@ -154,8 +158,10 @@ def test_a_dataset_without_labels_is_refused_at_start(export, tmp_path, monkeypa
         class info:  # noqa: N801
             features = {"image": None}
 
-    monkeypatch.setattr(data, "_tfds_builder", lambda config: Unlabelled())
-    monkeypatch.setattr(data, "dataset_info", lambda config: data.DatasetInfo("stl10", 10, 1, 1, 8))
+    monkeypatch.setattr(labelled_data, "tfds_builder", lambda config: Unlabelled())
+    info = data.DatasetInfo("stl10", 10, 1, 1, 8)
+    for module in (data, labelled_data):
+        monkeypatch.setattr(module, "dataset_info", lambda config: info)
     config = tiny_config(dataset="stl10", init_from=export)
     with pytest.raises(ValueError, match="dataset='stl10' has no labels for split 'test'"):
         finetune.finetune(config, str(tmp_path / "ft"))

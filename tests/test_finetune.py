@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 from tiny import tiny_config
 
-from simclr_jax import checkpoint, data, downstream, finetune, linear_eval, run_modes, train
+from simclr_jax import (
+    checkpoint,
+    downstream,
+    finetune,
+    labelled_data,
+    linear_eval,
+    run_modes,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +60,7 @@ class Killed(Exception):
 
 def _kill_after(monkeypatch, batches):
     """The next run's train stream dies after `batches` batches (like SIGKILL: no final save)."""
-    real = data.labelled_train_iterator
+    real = labelled_data.labelled_train_iterator
 
     def dying(*args, **kwargs):
         it = real(*args, **kwargs)
@@ -60,7 +68,7 @@ def _kill_after(monkeypatch, batches):
             yield next(it)
         raise Killed
 
-    monkeypatch.setattr(data, "labelled_train_iterator", dying)
+    monkeypatch.setattr(labelled_data, "labelled_train_iterator", dying)
 
 
 def _leaves(tree):

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from tiny import load_config, tiny_config
 from tolerances import EPS32, assert_trees_close, fp32_rtol
 
-from simclr_jax import checkpoint, config_base, data, losses, optim, parallel, train
+from simclr_jax import checkpoint, config_base, data, datasets, losses, optim, parallel, train
 from simclr_jax.methods import instdisc
 
 STEPS = 30
@@ -345,7 +345,7 @@ def test_config_validation_resolve_and_configs():
 
 def test_in_memory_indices_name_each_example_once_an_epoch():
     config = tiny_config(batch_size=32)
-    images, _ = data._memory_arrays(config, "train")
+    images, _ = datasets.memory_arrays(config, "train")
     steps = N_DIGITS // 32
     it = data.pretrain_iterator(config, with_index=True)
     plain = data.pretrain_iterator(config)
@@ -383,7 +383,7 @@ def test_image_folder_indices_are_positions_in_the_whole_split(tmp_path):
             )
     config = tiny_config(dataset="image_folder", batch_size=2)
     config.data.folder = str(tmp_path)
-    _, splits = data._folder_splits(str(tmp_path))
+    _, splits = datasets.folder_splits(str(tmp_path))
     paths = list(splits["train"][0])
     for p in (0, 1):
         it = data.pretrain_iterator(config, process_index=p, process_count=2, with_index=True)

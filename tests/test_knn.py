@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from tiny import tiny_config
 
-from simclr_jax import data, knn, parallel
+from simclr_jax import data, knn, labelled_data, parallel
 
 
 def _numpy_knn_votes(bank, labels, queries, k, temperature, num_classes):
@@ -48,7 +48,7 @@ def test_eval_batches_visit_every_example_exactly_once(process_count):
     want_x, want_y = data.eval_arrays(config, "test")  # 360 digits
     seen_x, seen_y, counts = [], [], []
     for p in range(process_count):
-        batches, n = data.eval_batches(
+        batches, n = labelled_data.eval_batches(
             config, "test", 96, process_index=p, process_count=process_count
         )
         got = list(batches)

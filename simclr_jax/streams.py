@@ -1,0 +1,128 @@
+"""Stream mechanics shared by the pretraining and the labelled streams: the in-memory epoch order,
+tf.data options, per-host seeds and the background prefetcher."""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from simclr_jax.datasets import Batch, import_tf
+
+if TYPE_CHECKING:
+    import ml_collections
+
+
+def memory_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    seed: int,
+    batch_size: int,
+    rows: slice,
+    step: int,
+    with_index: bool = False,
+) -> Iterator[Batch]:
+    """Rows `rows` of every global batch from `step` on (the stream in the module docstring).
+
+    `with_index`: batches also carry 'index', each example's row in the split (int32).
+    """
+    steps_per_epoch = len(labels) // batch_size
+    epoch, order = -1, None
+    while True:
+        e, i = divmod(step, steps_per_epoch)
+        if e != epoch:
+            epoch, order = e, np.random.default_rng([seed, e]).permutation(len(labels))
+        index = order[i * batch_size : (i + 1) * batch_size][rows]
+        batch = {"image": images[index], "label": labels[index]}
+        if with_index:
+            batch["index"] = index.astype(np.int32)
+        yield batch
+        step += 1
+
+
+def tf_options(config: ml_collections.ConfigDict) -> Any:
+    """tf.data options: deterministic order, config.data.num_threads threads (0: TF's choice).
+
+    With num_threads = n > 0 the pipeline's work runs on a private pool of n threads, each op on
+    one thread, so n bounds the host cores it keeps busy.
+    """
+    options = import_tf().data.Options()
+    options.deterministic = True
+    if config.data.num_threads:
+        options.threading.private_threadpool_size = config.data.num_threads
+        # Per-image ops are small: splitting one over threads costs more than it saves, and
+        # without this cap they would borrow TF's global intra-op pool beyond the n threads.
+        options.threading.max_intra_op_parallelism = 1
+        options.autotune.cpu_budget = config.data.num_threads
+    return options
+
+
+def host_seed(seed: int, process_index: int) -> int:
+    """The seed of a host's shuffle and crops (`crop_windows`) for root seed `seed`."""
+    return int(np.random.default_rng([seed, process_index]).integers(2**31))
+
+
+class Prefetcher(Iterator[Batch]):
+    """Iterates `source` on a daemon thread, keeping up to `size` items ready."""
+
+    def __init__(self, source: Iterator[Batch], size: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        # The thread gets no reference to self, so dropping the iterator collects it and stops it.
+        self._thread = threading.Thread(
+            target=_produce,
+            args=(source, self._queue, self._stop),
+            daemon=True,
+            name="simclr_jax-data-prefetch",
+        )
+        self._thread.start()
+
+    def __next__(self) -> Batch:
+        if self._stop.is_set():
+            raise StopIteration
+        item = self._queue.get()
+        if isinstance(item, _End):
+            self.close()
+            if item.error is not None:
+                raise item.error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop the producer thread (it exits within 0.1 s)."""
+        self._stop.set()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+@dataclasses.dataclass
+class _End:
+    """The producer finished; `error` is what it raised, if anything."""
+
+    error: BaseException | None = None
+
+
+def _produce(source: Iterator[Batch], out: queue.Queue, stop: threading.Event) -> None:
+    """Move items from `source` into `out` until it ends, fails, or `stop` is set."""
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)  # wake up now and then to notice `stop`
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    try:
+        for item in source:
+            if not put(item):
+                return
+        put(_End())
+    except BaseException as error:  # handed to the consumer, which re-raises it
+        put(_End(error))
