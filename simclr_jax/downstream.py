@@ -174,7 +174,7 @@ def train_augment_config(config: ml_collections.ConfigDict, enabled: bool) -> An
     return cfg
 
 
-def _train_step(
+def classifier_train_step(
     state: ClassifierState,
     frozen: Any,
     batch: dict[str, jax.Array],

@@ -27,7 +27,7 @@ from simclr_jax import checkpoint, config_base, labelled_data, loop, parallel
 from simclr_jax.downstream import (
     Classifier,
     ClassifierState,
-    _train_step,
+    classifier_train_step,
     evaluate_classifier,
     global_batch,
     make_optimizer,
@@ -186,7 +186,7 @@ def run_classifier(
         key,
         lambda: jax.jit(
             functools.partial(
-                _train_step,
+                classifier_train_step,
                 model=run.model,
                 tx=tx,
                 schedule=schedule,

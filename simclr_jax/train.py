@@ -326,7 +326,7 @@ def restore_for_inference(
         lambda: init_variables(model, jax.random.key(0), config.augment.image_size)
     )
     tx, _ = optim.make_optimizer(config, shapes["params"], steps_per_epoch)
-    abstract = abstract_train_state(config, model, tx, mesh)
+    abstract = abstract_train_state(config, model, tx, mesh, info.num_train_examples)
     manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints)
     try:
         restored = checkpoint.restore_latest(manager, abstract, workdir)
