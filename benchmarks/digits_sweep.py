@@ -47,6 +47,8 @@ RECIPES: dict[str, list[str]] = {
     "adamw_wd0.05": [*ADAMW, "--config.optim.weight_decay=0.05"],
     "adamw_lr0.002": [*ADAMW, "--config.optim.base_lr=0.002"],
     "adamw_600": [*ADAMW, "--config.total_steps=600"],
+    "adamw_lr0.002_t0.3": [*ADAMW, "--config.optim.base_lr=0.002", "--config.temperature=0.3"],
+    "adamw_lr0.002_seed1": [*ADAMW, "--config.optim.base_lr=0.002", "--config.seed=1"],
     "lars_lr0.5": ["--config.optim.base_lr=0.5"],
 }
 

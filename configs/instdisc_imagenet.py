@@ -1,15 +1,14 @@
 """InstDisc on ImageNet: ResNet-50, batch 256, 4096 NCE negatives, T = 0.07, 200 epochs.
 
-    python -m simclr_jax.main --config=configs/instdisc_imagenet.py --workdir=gs://bucket/instdisc \
-        --config.dataset=image_folder --config.data.folder=/data/imagenet
+    python -m simclr_jax.main --config=configs/instdisc_imagenet.py --workdir=gs://bucket/instdisc
 
 The recipe of Wu et al. 2018 ("Unsupervised Feature Learning via Non-Parametric Instance
 Discrimination"): SGD lr 0.03 (x B/256) with momentum 0.9 and weight decay 5e-4, a memory
 bank of 128-d embeddings updated with momentum 0.5, NCE against 4096 uniform negatives at
 temperature 0.07. The bank (1.28M x 128 fp32, 656 MB) is sharded by rows over the devices.
-Example indices are read from in-memory datasets and image folders; the streamed tfds
-ImageNet is refused for now, so point it at an image folder of the training split (class
-sub-folders under train/, as `dataset='image_folder'` expects).
+Example indices come with the tfds stream (read without file shuffling; imagenet.py's
+50k-image shuffle buffer mixes it) or from an image folder (`--config.dataset=image_folder
+--config.data.folder=DIR`).
 """
 
 from simclr_jax.config_base import sibling_config

@@ -44,6 +44,7 @@ from simclr_jax.datasets import (  # noqa: F401  (re-exported: data.dataset_info
     import_tfds,
     memory_arrays,
     tfds_builder,
+    tfds_num_examples,
 )
 from simclr_jax.decode import (  # noqa: F401  (re-exported)
     crop_windows,
@@ -70,7 +71,7 @@ def _records(
     """(tf.data of {'image', 'label'}, fn turning 'image' into encoded bytes) for this host.
 
     `with_index`: records also carry 'index' int32, the example's position in the whole split
-    (image folders only; a memory bank needs it).
+    (a memory bank needs it).
     """
     tf = import_tf()
     if config.dataset == "image_folder":
@@ -84,10 +85,7 @@ def _records(
         records = tf.data.Dataset.from_tensor_slices(columns)
         return records, tf.io.read_file
     if with_index:
-        raise ValueError(
-            f"example indices (for a memory bank) are not available for the streamed tfds "
-            f"dataset {config.dataset!r}; use an in-memory dataset or an image folder"
-        )
+        return _indexed_tfds_records(config, split, process_index, process_count, seed)
     tfds = import_tfds()
     builder = tfds_builder(config)
     tfds_split = tfds.split_for_jax_process(
@@ -103,6 +101,49 @@ def _records(
         read_config=tfds.ReadConfig(shuffle_seed=seed),
     )
     return records, tf.identity
+
+
+def _indexed_tfds_records(
+    config: ml_collections.ConfigDict,
+    split: str,
+    process_index: int,
+    process_count: int,
+    seed: int | None,
+) -> tuple[Any, Callable[[Any], Any]]:
+    """`_records` of a tfds split with 'index': each example's position in the whole split.
+
+    tfds numbers no examples, so each part of the split ('unlabelled+train': two) is read in its
+    stored order as this host's even slice (`split_for_jax_process`'s shares), numbered as it is
+    read, and the parts are mixed by a seeded sample. The files are not shuffled (the order must
+    stay countable); the record-level shuffle buffer still mixes the stream.
+    """
+    tf, tfds = import_tf(), import_tfds()
+    builder = tfds_builder(config)
+    parts, weights, offset = [], [], 0
+    for part in TFDS_SPLITS[config.dataset][split].split("+"):
+        n = tfds_num_examples(builder, part)
+        share = n // process_count
+        start = process_index * share
+        records = builder.as_dataset(
+            split=f"{part}[{start}:{start + share}]",
+            shuffle_files=False,
+            decoders={"image": tfds.decode.SkipDecoding()},
+        ).take(share)  # mock_data ignores the slice; a real slice has exactly `share`
+        first = offset + start
+        parts.append(
+            records.enumerate().map(
+                lambda i, ex, first=first: {**ex, "index": tf.cast(i + first, tf.int32)}
+            )
+        )
+        weights.append(float(share))
+        offset += n
+    if len(parts) == 1:
+        return parts[0], tf.identity
+    total = sum(weights)
+    mixed = tf.data.Dataset.sample_from_datasets(
+        parts, weights=[w / total for w in weights], seed=seed, stop_on_empty_dataset=False
+    )
+    return mixed, tf.identity
 
 
 def _streamed_batches(
@@ -187,8 +228,8 @@ def pretrain_iterator(
     """Endless per-host batches {'image': uint8 [b, S, S, 3], 'label': int32 [b]}.
 
     `with_index`: batches also carry 'index' int32 [b], each example's position in the training
-    split, the same on every host and after a resume (for a memory bank; in-memory datasets and
-    image folders, not streamed tfds datasets).
+    split, the same on every host and after a resume (for a memory bank; a tfds stream is then
+    read without file shuffling, see `_indexed_tfds_records`).
 
     With `config.data.host_crop` images are two host crops [b, 2, S, S, 3], or with
     `config.data.host_size = H` the union of the two crop windows [b, H, H, 3] plus the windows

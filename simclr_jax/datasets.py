@@ -185,7 +185,8 @@ def tfds_num_examples(builder: Any, split: str) -> int:
     """Examples in a tfds split such as 'unlabelled+train', from metadata (no read)."""
     if builder.info.splits:
         return sum(builder.info.splits[part].num_examples for part in split.split("+"))
-    return int(builder.as_dataset(split=split).cardinality())  # mock_data: no split metadata
+    # mock_data: no split metadata, and every split (also 'a+b') holds its num_examples.
+    return sum(int(builder.as_dataset(split=part).cardinality()) for part in split.split("+"))
 
 
 def memory_arrays(

@@ -393,3 +393,26 @@ def test_image_folder_indices_are_positions_in_the_whole_split(tmp_path):
                 grey = int(paths[index].split("/")[-2] == "b") * 4 + int(paths[index][-5])
                 assert abs(int(image[4, 4, 0]) - (40 * grey + 10)) <= 2
                 assert index % 2 == p  # host p reads files p, p + 2, ...
+
+
+@pytest.mark.parametrize("dataset", ["imagenet2012", "stl10"])
+def test_tfds_indices_number_the_whole_split_across_hosts_and_resume(dataset):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = tiny_config(dataset=dataset, batch_size=4)
+    config.data.image_size = config.augment.image_size = 8
+    with tfds.testing.mock_data(num_examples=12):
+        n = data.dataset_info(config).num_train_examples  # stl10: unlabelled + train = 24
+        steps = n // 4  # one epoch of the two hosts' equal shares, 2 rows a step each
+        seen = []
+        for p in (0, 1):
+            it = data.pretrain_iterator(config, process_index=p, process_count=2, with_index=True)
+            seen.append(np.concatenate([next(it)["index"] for _ in range(steps)]))
+        resumed = data.pretrain_iterator(
+            config, process_index=1, process_count=2, start_step=steps - 1, with_index=True
+        )
+        last = next(resumed)["index"]
+    assert n == (24 if dataset == "stl10" else 12)
+    assert sorted(np.concatenate(seen).tolist()) == list(range(n))  # each example once
+    shares = [range(0, n // 2)] if dataset == "imagenet2012" else [range(0, 6), range(12, 18)]
+    assert set(seen[0].tolist()) == {i for r in shares for i in r}  # host 0: its even slices
+    np.testing.assert_array_equal(last, seen[1][-2:])

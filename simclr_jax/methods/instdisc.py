@@ -57,7 +57,7 @@ def config_defaults() -> ml_collections.ConfigDict:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    """Momentum in [0, 1), K > 0, temperature > 0, a known loss, a dataset with indices."""
+    """Momentum in [0, 1), K > 0, temperature > 0, a known loss, no decoupled loss."""
     ic = c.instdisc
     check(0 <= ic.bank_momentum < 1, "instdisc.bank_momentum", ic.bank_momentum, "in [0, 1)")
     check(
@@ -69,13 +69,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(ic.temperature > 0, "instdisc.temperature", ic.temperature, "> 0")
     check(ic.loss in LOSSES, "instdisc.loss", ic.loss, f"one of {list(LOSSES)}")
     check(not c.loss.decoupled, "loss.decoupled", c.loss.decoupled, "False for method='instdisc'")
-    check(
-        c.dataset in data.IN_MEMORY_DATASETS or c.dataset == "image_folder",
-        "dataset",
-        c.dataset,
-        f"one of {[*data.IN_MEMORY_DATASETS, 'image_folder']} for method='instdisc' (its "
-        "memory bank needs each example's index, not yet read from streamed tfds datasets)",
-    )
 
 
 def bank_rows(num_examples: int) -> int:
