@@ -15,14 +15,15 @@ def get_config():
     c.dataset = "digits"
     c.batch_size = 256
     c.total_steps = 400  # ~80 epochs of the 1437 training digits
-    c.temperature = 0.2
+    # t = 0.3 over 0.2: kNN >= 0.95 on seeds 0-2 (0.2: 0.917 on seed 1); docs/benchmarks.md.
+    c.temperature = 0.3
     c.log_every_steps = 20
     c.checkpoint_every_steps = 100
 
     c.data.image_size = 16  # 8x8 digits upsampled: enough pixels for crops to mean something
 
     c.augment.image_size = 16
-    c.augment.area_min = 0.25  # crops below a quarter of an 8x8 digit leave no digit
+    c.augment.area_min = 0.2  # much smaller crops of an 8x8 digit leave no digit
     c.augment.flip = False  # a mirrored 2 is not a 2
     c.augment.color_jitter_strength = 0.5
     c.augment.grayscale_prob = 0.0  # digits are grey already
@@ -34,9 +35,13 @@ def get_config():
     c.model.head_hidden_dim = 128
     c.model.head_out_dim = 64
 
-    c.optim.base_lr = 1.0
+    # AdamW at a fixed LR: at 400 steps and batch 256 it learns more than LARS (1.0 x B/256
+    # gave kNN 0.925; benchmarks/digits_sweep.py has the table). LARS stays ImageNet's.
+    c.optim.name = "adamw"
+    c.optim.base_lr = 0.002
+    c.optim.lr_scaling = "none"
     c.optim.weight_decay = 1e-4
-    c.optim.warmup_epochs = 5
+    c.optim.warmup_epochs = 8
 
     c.eval.batch_size = 512
     return c

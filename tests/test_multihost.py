@@ -39,6 +39,11 @@ TINY_FLAGS = [
     "--config.model.head_hidden_dim=16",
     "--config.model.head_out_dim=16",
     "--config.optim.warmup_epochs=1",
+    # LARS as the tests' tiny_config: Adam's first steps (g / |g|) would turn reduction-order
+    # noise on near-zero gradients into whole LR-sized steps.
+    "--config.optim.name=lars",
+    "--config.optim.base_lr=1.0",
+    "--config.optim.lr_scaling=linear",
     "--config.log_every_steps=1",
     f"--config.checkpoint_every_steps={STEPS}",
 ]
