@@ -9,7 +9,7 @@ os.environ["XLA_FLAGS"] = " ".join(
     [
         os.environ.get("XLA_FLAGS", ""),
         "--xla_force_host_platform_device_count=8",
-        "--xla_cpu_experimental_ynn_fusion_type=dot,reduce",  # as simclr_jax.platform_flags
+        "--xla_cpu_experimental_ynn_fusion_type=dot",  # as simclr_jax.platform_flags
     ]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
