@@ -24,6 +24,7 @@ FLAGS = [
     "--config.model.base_width=4",
     "--config.model.head_hidden_dim=16",
     "--config.model.head_out_dim=16",
+    "--config.augment.area_min=0.25",  # the crops this test was set with (digits.py: 0.2)
     "--config.log_every_steps=1",
     "--config.eval.batch_size=96",  # 360 test digits: a padded last batch, 48 rows per host
     "--config.eval.knn_k=20",
