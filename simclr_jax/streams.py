@@ -26,7 +26,7 @@ def memory_batches(
     step: int,
     with_index: bool = False,
 ) -> Iterator[Batch]:
-    """Rows `rows` of every global batch from `step` on (the stream in the module docstring).
+    """Rows `rows` of every global batch from `step` on (the stream `data`'s docstring describes).
 
     `with_index`: batches also carry 'index', each example's row in the split (int32).
     """
