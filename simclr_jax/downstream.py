@@ -114,6 +114,7 @@ def build_classifier(
             hidden_dim=model_config.head_hidden_dim,
             out_dim=model_config.head_out_dim,
             use_bn=model_config.head_bn,
+            out_scale=model_config.get("head_out_scale", True),  # exports before 2026-12-02
             dtype=models.compute_dtype(model_config.dtype),
         )
     return Classifier(models.create_encoder(model_config), head, num_classes, freeze)

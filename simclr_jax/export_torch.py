@@ -164,6 +164,7 @@ def _head_spec(model: Mapping[str, Any]) -> dict[str, Any]:
         "hidden_dim": int(model["head_hidden_dim"]),
         "out_dim": int(model["head_out_dim"]),
         "use_bn": bool(model["head_bn"]),
+        "out_scale": bool(model.get("head_out_scale", True)),
     }
 
 
@@ -296,7 +297,8 @@ def build_torchvision_resnet(meta: Mapping[str, Any]) -> Any:
 def build_projection_head(meta: Mapping[str, Any]) -> Any:
     """`nn.Sequential` of `dense{i}`/`bn{i}`/`relu{i}` matching `projection_head.safetensors`.
 
-    The last BatchNorm's bias is loaded as zeros and frozen: the JAX head has no shift there.
+    The last BatchNorm's bias is loaded as zeros and frozen: the JAX head has no shift there
+    (nor a scale when `out_scale` is False, SimSiam's: its weight is ones and frozen too).
     """
     try:
         import torch.nn as nn
@@ -313,6 +315,8 @@ def build_projection_head(meta: Mapping[str, Any]) -> Any:
             bn = nn.BatchNorm1d(out)
             if last:
                 bn.bias.requires_grad_(False)
+                if not spec.get("out_scale", True):
+                    bn.weight.requires_grad_(False)
             layers.append((f"bn{i}", bn))
         if not last:
             layers.append((f"relu{i}", nn.ReLU()))

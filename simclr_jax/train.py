@@ -307,9 +307,11 @@ def export_run(config: ml_collections.ConfigDict, state: TrainState, workdir: st
         "step": int(state.step),
         "config": config.to_dict(),
     }
-    return checkpoint.export_encoder(
-        checkpoint.export_dir(workdir), variables, config.model.to_dict(), source
-    )
+    model = config.model.to_dict()
+    # The method builds the head (SimSiam's last BN has no scale): record what was trained.
+    last_bn = variables["params"]["head"].get(f"bn{config.model.head_layers}", {})
+    model["head_out_scale"] = not config.model.head_bn or "scale" in last_bn
+    return checkpoint.export_encoder(checkpoint.export_dir(workdir), variables, model, source)
 
 
 def restore_for_inference(

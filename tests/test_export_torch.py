@@ -69,6 +69,7 @@ def encoder_and_head(mc):
         hidden_dim=mc.head_hidden_dim,
         out_dim=mc.head_out_dim,
         use_bn=mc.head_bn,
+        out_scale=mc.get("head_out_scale", True),
     )
     return models.create_encoder(mc), head
 
@@ -153,6 +154,19 @@ def test_head_without_bn_and_three_layers(tmp_path):
     mc = model_config(18, "cifar", 4, head_bn=False, head_layers=3)
     feat_err, proj_err, _ = export_and_compare(tmp_path, mc, 8)
     assert feat_err < 1e-4 and proj_err < 1e-4, (feat_err, proj_err)
+
+
+def test_head_whose_last_bn_has_no_scale(tmp_path):
+    """SimSiam's projector ends in an affine-free BN: torch gets ones there, frozen."""
+    torch_modules()
+    mc = model_config(18, "cifar", 4)
+    mc.head_out_scale = False
+    feat_err, proj_err, meta = export_and_compare(tmp_path, mc, 8)
+    assert feat_err < 1e-4 and proj_err < 1e-4, (feat_err, proj_err)
+    assert meta["projection_head"]["out_scale"] is False
+    _, head, _ = export_torch.load_torch(str(tmp_path / "run" / "export_torch"))
+    assert not head.bn2.weight.requires_grad and not head.bn2.bias.requires_grad
+    assert float(head.bn2.weight.min()) == float(head.bn2.weight.max()) == 1.0
 
 
 def zeros_state_dict(mc):

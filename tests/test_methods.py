@@ -7,7 +7,17 @@ import pytest
 from tiny import tiny_config
 from tolerances import assert_trees_close, fp32_rtol
 
-from simclr_jax import checkpoint, config_base, data, losses, methods, optim, parallel, train
+from simclr_jax import (
+    checkpoint,
+    config_base,
+    data,
+    downstream,
+    losses,
+    methods,
+    optim,
+    parallel,
+    train,
+)
 from simclr_jax.methods import base, byol
 
 STEPS = {"byol": 4, "simsiam": 40}  # SimSiam's run is long enough to show (non-)collapse
@@ -209,3 +219,36 @@ def test_simsiam_without_stop_gradient_collapses(simsiam_run):
     assert float(collapsed[-1]["loss"]) < min(-0.6, float(metrics[-1]["loss"]) - 0.25)
     assert uniform_no_sg > -0.5 and uniform_sg < -1.5  # 0: every embedding at one point
     assert rank_no_sg < 0.6 * rank0 and rank_no_sg < 0.75 * rank_sg
+
+
+def test_simsiam_head_ends_in_an_affine_free_bn_that_exports_and_fine_tunes(simsiam_run, tmp_path):
+    """The projector's last BN has no parameters; the export says so, so fine-tuning from the
+    last head layer (the whole head) builds the same architecture and loads every leaf."""
+    config, (states, _, _) = simsiam_run
+    last = f"bn{config.model.head_layers}"
+    assert last not in states[-1].params["head"] and last in states[-1].batch_stats["head"]
+    assert "scale" in states[-1].params["head"]["bn1"]  # the hidden layers keep theirs
+    export = train.export_run(config, states[-1], str(tmp_path / "run"))
+    _, meta = checkpoint.load_export(export)
+    assert meta["model"]["head_out_scale"] is False
+    ft = config.copy_and_resolve_references()
+    ft.init_from = export
+    source = downstream.load_source(ft, "finetune")
+    model = downstream.build_classifier(
+        source.model_config, config.model.head_layers, 10, freeze=False
+    )
+    variables = downstream.initial_variables(model, source, config.augment.image_size)
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["head"][last]["var"], states[-1].batch_stats["head"][last]["var"]
+    )
+
+
+def test_simsiam_warns_off_its_optimizer_and_names_the_flags():
+    simsiam = methods.get("simsiam")
+    paper = _config("simsiam")
+    assert simsiam.resolve(paper, 400, 1437) == []
+    adamw = tiny_config(method="simsiam")
+    adamw.optim.name = "adamw"  # the SimCLR digits default's optimizer, no fixed-LR predictor
+    (line,) = simsiam.resolve(adamw, 400, 1437)
+    assert line.startswith("WARNING: SimSiam with optim.name='adamw'")
+    assert "--config.optim.name=sgd" in line and "constant_lr_params" in line

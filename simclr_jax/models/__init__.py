@@ -92,8 +92,12 @@ def create_model(
     num_classes: int,
     bn_axis_name: str | None = None,
     predictor: Predictor | None = None,
+    head_out_scale: bool = True,
 ) -> SimCLRModel:
-    """Builds the SimCLR model from a run config's `config.model`, with an optional predictor."""
+    """Builds the SimCLR model from a run config's `config.model`, with an optional predictor.
+
+    `head_out_scale=False`: the projection head's last BN has no scale (SimSiam).
+    """
     m = config.model
     if m.head_layers < 1:
         raise ValueError(f"model.head_layers={m.head_layers!r} must be >= 1 (2: SimCLRv1, 3: v2)")
@@ -102,6 +106,7 @@ def create_model(
         hidden_dim=m.head_hidden_dim,
         out_dim=m.head_out_dim,
         use_bn=m.head_bn,
+        out_scale=head_out_scale,
         bn_axis_name=bn_axis_name,
         dtype=compute_dtype(m.dtype),
     )

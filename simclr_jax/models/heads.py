@@ -16,6 +16,7 @@ class ProjectionHead(nn.Module):
 
     SimCLR v1 uses 2 layers, v2 uses 3 with BN in every layer. Returns the list of every layer's
     output, the input first, so fine-tuning can start from a middle layer (SimCLR v2).
+    `out_scale=False` drops the last BN's scale too (SimSiam's projector: an affine-free BN).
     """
 
     num_layers: int = 2
@@ -23,6 +24,7 @@ class ProjectionHead(nn.Module):
     hidden_dim: int = 2048
     out_dim: int = 128
     use_bn: bool = True
+    out_scale: bool = True
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
 
@@ -46,6 +48,7 @@ class ProjectionHead(nn.Module):
                     momentum=BN_MOMENTUM,
                     epsilon=BN_EPSILON,
                     use_bias=not last,
+                    use_scale=self.out_scale or not last,
                     dtype=self.dtype,
                     axis_name=self.bn_axis_name,
                     name=f"bn{i + 1}",
