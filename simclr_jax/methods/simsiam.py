@@ -45,10 +45,10 @@ def resolve(c: ml_collections.ConfigDict, total_steps: int, num_train_examples: 
     return [
         f"WARNING: SimSiam with optim.name={o.name!r} and optim.constant_lr_params="
         f"{tuple(o.constant_lr_params)!r}: the paper trains it with SGD (momentum 0.9) and the "
-        "predictor at a fixed LR, and without them it may not beat random init (digits: kNN "
-        "0.794 against 0.831 with AdamW); set --config.optim.name=sgd "
-        "--config.optim.lr_scaling=linear --config.optim.base_lr=0.5 (digits; 0.05 at ImageNet "
-        "scale) --config.optim.constant_lr_params=\"('predictor',)\", as configs/simsiam_*.py do"
+        "predictor at a fixed LR (--config.optim.name=sgd --config.optim.constant_lr_params="
+        "\"('predictor',)\"), and SimSiam needs its own LR, head and run length too: start from "
+        "configs/simsiam_digits.py or configs/simsiam_cifar10.py (on digits, the SimCLR config "
+        "with --config.method=simsiam ends below random init on kNN, with AdamW or SGD)"
     ]
 
 
