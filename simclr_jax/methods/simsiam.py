@@ -60,8 +60,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.S
         dtype=models.compute_dtype(config.model.dtype),
     )
     # The paper's projector ends in an affine-free BN. A learned scale there lets SGD shrink
-    # whole output dimensions to 0: on digits that partial collapse sank one seed in three
-    # (kNN 0.658 with the scale, 0.839 without; docs/methods.md).
+    # whole output dimensions to 0: on digits seed 1 partly collapsed with it (kNN 0.658;
+    # 0.839 without; docs/methods.md).
     return models.create_model(config, num_classes, predictor=predictor, head_out_scale=False)
 
 
