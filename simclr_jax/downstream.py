@@ -108,15 +108,9 @@ def build_classifier(
         )
     head = None
     if from_head_layer > 0:
-        head = models.ProjectionHead(
-            num_layers=model_config.head_layers,
-            num_used=from_head_layer,
-            hidden_dim=model_config.head_hidden_dim,
-            out_dim=model_config.head_out_dim,
-            use_bn=model_config.head_bn,
-            out_scale=model_config.get("head_out_scale", True),  # exports before 2026-12-02
-            dtype=models.compute_dtype(model_config.dtype),
-        )
+        # Exports before 2026-12-02 have no head_out_scale: their heads all had the scale.
+        out_scale = model_config.get("head_out_scale", True)
+        head = models.create_head(model_config, out_scale, num_used=from_head_layer)
     return Classifier(models.create_encoder(model_config), head, num_classes, freeze)
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "STEMS",
     "ResNet",
     "SimCLRModel",
+    "create_head",
     "create_model",
     "feature_dim",
     "resnet",
@@ -87,6 +88,25 @@ def create_encoder(model_config: Any, bn_axis_name: str | None = None) -> ResNet
     )
 
 
+def create_head(
+    model_config: Any,
+    out_scale: bool = True,
+    num_used: int | None = None,
+    bn_axis_name: str | None = None,
+) -> ProjectionHead:
+    """The projection head `model_config` describes (its first `num_used` layers, or all)."""
+    return ProjectionHead(
+        num_layers=model_config.head_layers,
+        num_used=num_used,
+        hidden_dim=model_config.head_hidden_dim,
+        out_dim=model_config.head_out_dim,
+        use_bn=model_config.head_bn,
+        out_scale=out_scale,
+        bn_axis_name=bn_axis_name,
+        dtype=compute_dtype(model_config.dtype),
+    )
+
+
 def create_model(
     config: Any,
     num_classes: int,
@@ -101,18 +121,9 @@ def create_model(
     m = config.model
     if m.head_layers < 1:
         raise ValueError(f"model.head_layers={m.head_layers!r} must be >= 1 (2: SimCLRv1, 3: v2)")
-    head = ProjectionHead(
-        num_layers=m.head_layers,
-        hidden_dim=m.head_hidden_dim,
-        out_dim=m.head_out_dim,
-        use_bn=m.head_bn,
-        out_scale=head_out_scale,
-        bn_axis_name=bn_axis_name,
-        dtype=compute_dtype(m.dtype),
-    )
     return SimCLRModel(
         encoder=create_encoder(m, bn_axis_name),
-        head=head,
+        head=create_head(m, head_out_scale, bn_axis_name=bn_axis_name),
         num_classes=num_classes,
         predictor=predictor,
     )
