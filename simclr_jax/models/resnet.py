@@ -46,6 +46,24 @@ IM2COL_MAX_PIXELS = 4
 _NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
+def materialized(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """`x` computed into a buffer of its own on XLA:CPU (unchanged elsewhere), for a conv input.
+
+    For a conv's kernel gradient XLA:CPU copies the input into a [C, H, W, N] layout, and it fuses
+    the whole elementwise chain that made the input (BatchNorm, ReLU and residual adds back to
+    the stage's first conv) into that copy, recomputing it with strided reads: 13-26 ms per copy
+    on the digits default (docs/benchmarks.md). A conditional's result is always a buffer, so the
+    copy reads it once. `lax.optimization_barrier` would say this directly, but XLA:CPU drops
+    barriers before fusion. Both branches give `x` (the second only runs if the kernel holds a
+    NaN); the predicate reads the replicated kernel, not the batch-sharded `x`, so sharded steps
+    need no collective for it. Values and gradients stay the same bit for bit.
+    """
+    if jax.default_backend() != "cpu":
+        return x
+    first = kernel.reshape(-1)[0]
+    return lax.cond(first == first, lambda v: v, lambda v: v + 0, x)
+
+
 def conv_small_maps(
     lhs,
     rhs,
@@ -60,22 +78,24 @@ def conv_small_maps(
 ):
     """`lax.conv_general_dilated` for `nn.Conv`, as im2col + dot on small output maps.
 
-    Falls back to `lax.conv_general_dilated` for maps above `IM2COL_MAX_PIXELS`, dilations,
-    feature groups, string paddings and layouts other than NHWC/HWIO.
+    Falls back to `lax.conv_general_dilated` for maps above `IM2COL_MAX_PIXELS` (with the input
+    `materialized`), dilations, feature groups, string paddings and layouts other than NHWC/HWIO.
     """
-    conv = functools.partial(
-        lax.conv_general_dilated,
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count,
-        precision=precision,
-        **kwargs,
-    )
+
+    def conv(x):
+        return lax.conv_general_dilated(
+            x,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            precision=precision,
+            **kwargs,
+        )
+
     plain = all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
     if (
         kwargs
@@ -85,13 +105,13 @@ def conv_small_maps(
         or lhs.ndim != 4
         or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC
     ):
-        return conv()
+        return conv(lhs)
     (kh, kw, cin, cout), (sh, sw) = rhs.shape, tuple(window_strides)
     (ph0, ph1), (pw0, pw1) = (tuple(p) for p in padding)
     b, h, w, _ = lhs.shape
     ho, wo = (h + ph0 + ph1 - kh) // sh + 1, (w + pw0 + pw1 - kw) // sw + 1
     if ho * wo > IM2COL_MAX_PIXELS or ho < 1 or wo < 1:
-        return conv()
+        return conv(materialized(lhs, rhs))
     x = lax.pad(lhs, jnp.zeros((), lhs.dtype), ((0, 0, 0), (ph0, ph1, 0), (pw0, pw1, 0), (0, 0, 0)))
     cols = [
         lax.slice(
