@@ -1,6 +1,6 @@
 """The digits default's train step in eager PyTorch next to the JAX one: ms/step and the ratio.
 
-    python benchmarks/torch_step.py                 # both frameworks, interleaved, 3 rounds
+    python benchmarks/torch_step.py                 # both frameworks, alternating, 3 rounds
     python benchmarks/torch_step.py --rounds=5 --steps=3 --no_augment
 
 PyTorch (dev extras only; imported here and nowhere else) runs the same network and batch as
@@ -8,17 +8,22 @@ PyTorch (dev extras only; imported here and nowhere else) runs the same network 
 views), the 2-layer BN projection head (128 -> 64), the online linear head on stop-gradient
 features, NT-Xent at temperature 0.2, eager fp32, AdamW, with a cheap augmentation (random
 resized crop by `F.grid_sample` + brightness/contrast). JAX runs the real
-`train.compile_train_step` of the config (LARS, its full augmentation unless --no_augment), via
-`benchmarks/train_step.py`. The two alternate in one process round by round, so both see the
-same load: on a shared machine read the ratio, not the absolute times. Prints a Markdown table
-`framework | ms/step | ratio`, with each round's times, the process CPU time per step (all
-threads; less sensitive to other processes than wall-clock) and the load average.
+`train.compile_train_step` of the config (its optimizer and full augmentation unless
+--no_augment), via `benchmarks/train_step.py`, with `platform_flags.set_cpu_flags()` as
+`simclr_jax.main` runs it. Each round runs every framework in a fresh process of its own, one
+after another (in one shared process PyTorch's spinning OpenMP threads slowed the JAX step by a
+quarter), so all see about the same load: on a shared machine read the ratio, not the absolute
+times. Prints a Markdown table `framework | ms/step | ratio`, with each round's times, the
+process CPU time per step (all threads; less sensitive to other processes than wall-clock) and
+the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -124,12 +129,9 @@ def torch_step_fn(batch_size: int, size: int, width: int, augment: bool, threads
 
 def jax_step_fn(args):
     """Compiles the digits config's real train step; returns a function running one step."""
-    import jax
+    import jax  # after platform_flags.set_cpu_flags() (in measure)
     import train_step
 
-    from simclr_jax import platform_flags
-
-    del platform_flags  # the flags were set in main(), before JAX started
     ns = argparse.Namespace(
         config=args.config,
         preset="",
@@ -151,13 +153,31 @@ def jax_step_fn(args):
     return run
 
 
+def measure(args) -> None:
+    """Worker: builds one framework's step, warms it up, prints its per-step times as JSON."""
+    if args.worker == "jax":
+        from simclr_jax import platform_flags
+
+        platform_flags.set_cpu_flags()
+        fn = jax_step_fn(args)
+    else:
+        fn = torch_step_fn(args.batch_size, 16, 16, not args.no_augment, int(args.worker))
+    fn()  # warm-up (JAX compiled already; PyTorch's allocator and caches)
+    fn()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(args.steps):
+        fn()
+    wall, cpu = (time.perf_counter() - t0) / args.steps, (time.process_time() - c0) / args.steps
+    print(json.dumps({"wall": wall, "cpu": cpu}))
+
+
 def main() -> None:
-    """Parses flags, alternates the two frameworks' steps, prints the table."""
+    """Parses flags, alternates the frameworks' processes round by round, prints the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/digits.py")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per round and framework")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round and framework")
     p.add_argument("--no_augment", action="store_true", help="both: feed the images unaugmented")
     p.add_argument(
         "--torch_threads",
@@ -165,30 +185,31 @@ def main() -> None:
         help="PyTorch intra-op thread counts, one row each (its OpenMP pool degrades badly when "
         "other processes load the cores); the ratio is to the fastest PyTorch row",
     )
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # 'jax' or a thread count
     args = p.parse_args()
-
-    from simclr_jax import platform_flags
-
-    platform_flags.set_cpu_flags()
-    fns = {"jax": jax_step_fn(args)}
-    for n in (int(t) for t in args.torch_threads.split(",")):
-        fns[f"pytorch ({n} thread{'s' if n > 1 else ''})"] = torch_step_fn(
-            args.batch_size, 16, 16, not args.no_augment, n
-        )
-    for fn in fns.values():  # warm-up (JAX compiled already; PyTorch's allocator and caches)
-        fn()
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    if args.worker:
+        measure(args)
+        return
+    workers = {"jax": "jax"}
+    for n in args.torch_threads.split(","):
+        workers[f"pytorch ({n} thread{'s' if int(n) > 1 else ''})"] = n
+    times: dict[str, list[float]] = {k: [] for k in workers}
+    cpu: dict[str, list[float]] = {k: [] for k in workers}
+    flags = [f"--{k}={getattr(args, k)}" for k in ("config", "batch_size", "steps")]
+    flags += ["--no_augment"] if args.no_augment else []
     for _ in range(args.rounds):
-        for name, fn in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(args.steps):
-                fn()
-            times[name].append((time.perf_counter() - t0) / args.steps)
-            cpu[name].append((time.process_time() - c0) / args.steps)
+        for name, worker in workers.items():
+            out = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), f"--worker={worker}", *flags],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            times[name].append(row["wall"])
+            cpu[name].append(row["cpu"])
     load = os.getloadavg()
-    fastest = min((k for k in fns if k != "jax"), key=lambda k: float(np.median(times[k])))
+    fastest = min((k for k in workers if k != "jax"), key=lambda k: float(np.median(times[k])))
     ref, ref_cpu = float(np.median(times[fastest])), float(np.median(cpu[fastest]))
     print(
         f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
