@@ -125,3 +125,12 @@ def test_materialized_inputs_change_no_bit(monkeypatch):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert "stablehlo.case" in hlo or "stablehlo.if" in hlo
         assert "stablehlo.case" not in ref_hlo and "stablehlo.if" not in ref_hlo
+    # The image (3 channels, the stem's input) is left as it is.
+    rgb, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 8))
+    dn = lax.conv_dimension_numbers(rgb.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+    jaxpr = str(
+        jax.make_jaxpr(
+            lambda x, k: resnet.conv_small_maps(x, k, (1, 1), [(1, 1)] * 2, dimension_numbers=dn)
+        )(rgb, kernel)
+    )
+    assert "cond" not in jaxpr and "conv_general_dilated" in jaxpr
