@@ -97,9 +97,9 @@ def test_block_params_and_grads_unchanged(monkeypatch):
 
 
 def test_materialized_inputs_change_no_bit(monkeypatch):
-    """A stride-1 and a strided basic block on 8x8 maps (lax.conv on materialized inputs): the
-    values and gradients equal those without `materialized` exactly, and the conditional that
-    keeps XLA:CPU from fusing the input into its relayout copy is there."""
+    """A stride-1 and a strided basic block on 8x8 maps (lax.conv on materialized inputs, as on
+    one CPU device): the values and gradients equal those without `materialized` exactly, and
+    the conditional that keeps XLA:CPU from fusing the input into its relayout copy is there."""
     import functools
 
     norm = functools.partial(nn.BatchNorm, use_running_average=False)
@@ -115,6 +115,7 @@ def test_materialized_inputs_change_no_bit(monkeypatch):
         f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         return f(variables["params"], x), f.lower(variables["params"], x).as_text()
 
+    monkeypatch.setattr(resnet, "single_cpu_device", lambda: True)  # the tests run 8 devices
     for strides, filters in ((1, 8), (2, 16)):
         block = resnet.BasicBlock(filters=filters, strides=strides, conv=resnet._conv, norm=norm)
         got, hlo = loss_and_grads(block)

@@ -46,8 +46,13 @@ IM2COL_MAX_PIXELS = 4
 _NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
+def single_cpu_device() -> bool:
+    """True when JAX runs on one CPU device (where `materialized` applies)."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
 def materialized(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-    """`x` computed into a buffer of its own on XLA:CPU (unchanged elsewhere), for a conv input.
+    """`x` computed into a buffer of its own on one CPU device (else unchanged): a conv input.
 
     For a conv's kernel gradient XLA:CPU copies the input into a [C, H, W, N] layout, and it fuses
     the whole elementwise chain that made the input (BatchNorm, ReLU and residual adds back to
@@ -55,10 +60,11 @@ def materialized(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     on the digits default (docs/benchmarks.md). A conditional's result is always a buffer, so the
     copy reads it once. `lax.optimization_barrier` would say this directly, but XLA:CPU drops
     barriers before fusion. Both branches give `x` (the second only runs if the kernel holds a
-    NaN); the predicate reads the replicated kernel, not the batch-sharded `x`, so sharded steps
-    need no collective for it. Values and gradients stay the same bit for bit.
+    NaN), so values and gradients stay the same bit for bit. Only on a single CPU device, where
+    that was measured (the digits default): programs sharded over several devices (the tests'
+    8 virtual ones, multi-host CPU runs) compile exactly as before.
     """
-    if jax.default_backend() != "cpu":
+    if not single_cpu_device():
         return x
     first = kernel.reshape(-1)[0]
     return lax.cond(first == first, lambda v: v, lambda v: v + 0, x)
