@@ -57,14 +57,18 @@ def test_value_and_grad_equal_lax_conv(side, cin, cout, ksize, stride):
     assert "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr
 
 
-def test_large_maps_keep_lax_conv():
-    x, k = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 8))
+def _same_conv_jaxpr(x, k) -> str:
+    """The jaxpr of `conv_small_maps` as a stride-1, 'same'-padded 3x3 NHWC conv of x by k."""
     dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
-    jaxpr = str(
-        jax.make_jaxpr(
-            lambda x, k: resnet.conv_small_maps(x, k, (1, 1), [(1, 1)] * 2, dimension_numbers=dn)
-        )(x, k)
-    )
+
+    def conv(x, k):
+        return resnet.conv_small_maps(x, k, (1, 1), [(1, 1)] * 2, dimension_numbers=dn)
+
+    return str(jax.make_jaxpr(conv)(x, k))
+
+
+def test_large_maps_keep_lax_conv():
+    jaxpr = _same_conv_jaxpr(jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 8)))
     assert "conv_general_dilated" in jaxpr
 
 
@@ -127,11 +131,5 @@ def test_materialized_inputs_change_no_bit(monkeypatch):
         assert "stablehlo.case" in hlo or "stablehlo.if" in hlo
         assert "stablehlo.case" not in ref_hlo and "stablehlo.if" not in ref_hlo
     # The image (3 channels, the stem's input) is left as it is.
-    rgb, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 8))
-    dn = lax.conv_dimension_numbers(rgb.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
-    jaxpr = str(
-        jax.make_jaxpr(
-            lambda x, k: resnet.conv_small_maps(x, k, (1, 1), [(1, 1)] * 2, dimension_numbers=dn)
-        )(rgb, kernel)
-    )
+    jaxpr = _same_conv_jaxpr(jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 8)))
     assert "cond" not in jaxpr and "conv_general_dilated" in jaxpr

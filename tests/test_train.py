@@ -12,26 +12,32 @@ from tolerances import assert_trees_close, fp32_rtol
 from simclr_jax import config_base, data, models, optim, parallel, train
 
 
-def _step_fn(config, mesh):
-    info = data.dataset_info(config)
-    model = models.create_model(config, info.num_classes)
+def _model_and_optimizer(config, steps_per_epoch=44):
+    """The config's model, optimizer and LR schedule, as a run builds them."""
+    model = models.create_model(config, data.dataset_info(config).num_classes)
     shapes = jax.eval_shape(
         lambda: train.init_variables(model, jax.random.key(0), config.augment.image_size)
     )
-    tx, schedule = optim.make_optimizer(config, shapes["params"], 44)
+    tx, schedule = optim.make_optimizer(config, shapes["params"], steps_per_epoch)
+    return model, tx, schedule
+
+
+def _step_fn(config, mesh):
+    model, tx, schedule = _model_and_optimizer(config)
     return train.compile_train_step(config, model, tx, schedule, mesh)
+
+
+def _init_state(config, mesh):
+    """The train state a run starts from (as in `run_steps`), on `mesh`."""
+    model, tx, _ = _model_and_optimizer(config)
+    return train.create_train_state(config, model, tx, mesh)
 
 
 def run_steps(config, devices, steps):
     """Runs `steps` real train steps on `devices`; returns (state, per-step losses)."""
     mesh = parallel.make_mesh(devices)
-    info = data.dataset_info(config)
-    model = models.create_model(config, info.num_classes)
-    shapes = jax.eval_shape(
-        lambda: train.init_variables(model, jax.random.key(0), config.augment.image_size)
-    )
-    spe = info.num_train_examples // config.batch_size
-    tx, schedule = optim.make_optimizer(config, shapes["params"], spe)
+    spe = data.dataset_info(config).num_train_examples // config.batch_size
+    model, tx, schedule = _model_and_optimizer(config, spe)
     state = train.create_train_state(config, model, tx, mesh)
     step_fn = train.compile_train_step(config, model, tx, schedule, mesh)
     it = data.pretrain_iterator(config)
@@ -61,17 +67,6 @@ def runs():
     one = run_steps(config, jax.devices()[:1], EQUAL_STEPS)
     eight = run_steps(config, jax.devices(), 30)
     return config, one, eight
-
-
-def _init_state(config, mesh):
-    """The train state a run starts from (as in `run_steps`), on `mesh`."""
-    info = data.dataset_info(config)
-    model = models.create_model(config, info.num_classes)
-    shapes = jax.eval_shape(
-        lambda: train.init_variables(model, jax.random.key(0), config.augment.image_size)
-    )
-    tx, _ = optim.make_optimizer(config, shapes["params"], 44)
-    return train.create_train_state(config, model, tx, mesh)
 
 
 def test_loss_decreases(runs):
