@@ -5,12 +5,11 @@ import os
 import shutil
 import tempfile
 
+from simclr_jax.platform_flags import CPU_FLAGS  # imports no JAX
+
+# The CPU flags of every run (simclr_jax.main sets them), so the tests check the numbers users get.
 os.environ["XLA_FLAGS"] = " ".join(
-    [
-        os.environ.get("XLA_FLAGS", ""),
-        "--xla_force_host_platform_device_count=8",
-        "--xla_cpu_experimental_ynn_fusion_type=dot",  # as simclr_jax.platform_flags
-    ]
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", *CPU_FLAGS]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session, its subprocesses included (CLI and

@@ -30,13 +30,13 @@ def _probe(**env: str) -> list[str]:
 
 def test_set_cpu_flags_and_its_opt_out():
     xla_flags, async_dispatch = _probe()
-    assert "--xla_cpu_experimental_ynn_fusion_type=dot" in xla_flags.split()
+    assert "--xla_cpu_experimental_ynn_fusion_type=dot,reduce" in xla_flags.split()
     assert async_dispatch == "False"
     xla_flags, async_dispatch = _probe(SIMCLR_NO_CPU_FLAGS="1")
     assert xla_flags == "" and async_dispatch == "True"
     # A flag the user set is kept and not repeated.
-    xla_flags, _ = _probe(XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=dot,reduce")
-    assert xla_flags.split() == ["--xla_cpu_experimental_ynn_fusion_type=dot,reduce"]
+    xla_flags, _ = _probe(XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=dot")
+    assert xla_flags.split() == ["--xla_cpu_experimental_ynn_fusion_type=dot"]
 
 
 def test_keep_freed_memory_where_glibc_is():
@@ -46,3 +46,19 @@ def test_keep_freed_memory_where_glibc_is():
     )
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert out.stdout.strip() == str(glibc)
+
+
+def test_batch_sums_under_the_cpu_flags_are_as_accurate_as_a_pairwise_sum():
+    # conftest runs the suite under platform_flags.CPU_FLAGS: BatchNorm's batch sums (here the
+    # digits default's largest, 131072 terms per channel) must keep a pairwise sum's error bound,
+    # log2(n) roundings relative to sum |x| (XLA's tree: 2.7e-7, YNNPACK's: 3.5e-8, the bound
+    # 1.0e-6; a serial fp32 sum of these x is 4.1e-6).
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    x = (np.random.default_rng(0).standard_normal((512, 16, 16, 16)) * 2 + 0.7).astype(np.float32)
+    got = np.asarray(jax.jit(lambda v: jnp.sum(v, (0, 1, 2)))(x), np.float64)
+    x64 = x.astype(np.float64)
+    rel = np.abs(got - x64.sum((0, 1, 2))) / np.abs(x64).sum((0, 1, 2))
+    assert rel.max() <= np.log2(512 * 16 * 16) * np.finfo(np.float32).eps / 2
