@@ -8,9 +8,9 @@ import os
 import platform
 
 # On XLA:CPU the backward of 3x3 convolutions is several times faster with YNNPACK dot fusion
-# (gradients agree to ~2e-6), and YNNPACK's reductions take ~7% off the digits step: BatchNorm's
-# statistics, which XLA otherwise sums as latency-bound reduce-window trees, with 3-7x less
-# rounding error against float64 than those trees (docs/benchmarks.md).
+# (gradients agree to ~2e-6), and YNNPACK's reductions take 7-25% (by CPU) off the digits step:
+# BatchNorm's statistics, which XLA otherwise sums as latency-bound reduce-window trees, with
+# 1.1-10x less rounding error against float64 than those trees (docs/benchmarks.md).
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,reduce",)
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
 # glibc's mallopt parameters (malloc.h).
