@@ -13,11 +13,11 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
 from simclr_jax import data, downstream, downstream_run, knn, parallel, probe
+from simclr_jax.train_state import init_variables, jit_init
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,11 @@ def evaluate_run(
     """
     info = data.dataset_info(config)
     size = config.augment.image_size
-    # The pretraining run's own initialisation (fold_in(seed, 0)): the same encoder at step 0.
-    random_vars = model.init(
-        jax.random.fold_in(jax.random.key(config.seed), 0),
-        jnp.zeros((2, size, size, 3), jnp.float32),
-        train=False,
-    )
+    # The pretraining run's own initialisation (fold_in(seed, 0)), compiled as the run compiles
+    # it: the same encoder at step 0, bit for bit (eager op-by-op init rounds differently).
+    random_vars = jit_init(
+        lambda: init_variables(model, jax.random.fold_in(jax.random.key(config.seed), 0), size)
+    )()
     trained_vars = {"params": state.params, "batch_stats": state.batch_stats}
     results: dict[str, dict[str, float]] = {}
     for name, variables in (("random_init", random_vars), ("pretrained", trained_vars)):

@@ -31,7 +31,7 @@ from simclr_jax import (
     parallel,
 )
 from simclr_jax.metric_writer import MetricWriter
-from simclr_jax.train_state import TrainState, init_variables
+from simclr_jax.train_state import TrainState, init_variables, jit_init
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def create_train_state(
     """Builds the initial state directly on the mesh (`state_shardings`), from `config.seed`."""
     init = _state_initializer(config, model, tx, num_train_examples)
     shardings = state_shardings(config, model, tx, mesh, num_train_examples)
-    return jax.jit(init, out_shardings=shardings)()
+    return jit_init(init, out_shardings=shardings)()
 
 
 def abstract_train_state(

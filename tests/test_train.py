@@ -6,10 +6,10 @@ import os
 import jax
 import numpy as np
 import pytest
-from tiny import tiny_config
+from tiny import loop_config, tiny_config
 from tolerances import assert_trees_close, fp32_rtol
 
-from simclr_jax import config_base, data, models, optim, parallel, train
+from simclr_jax import config_base, data, models, optim, parallel, train, train_state
 
 
 def _model_and_optimizer(config, steps_per_epoch=44):
@@ -131,6 +131,28 @@ def test_one_step_from_a_trained_state_is_device_count_invariant(runs):
     assert_trees_close(n8, n1, before=host_state, reduction_len=STEP_SUM, depth=2 * STEP_DEPTH)
 
 
+def test_initialisation_at_O2_has_the_bits_of_the_default_compile(runs):
+    """`jit_init`'s -O2 compile gives the default -O3 compile's bits: the run's step-0 encoder.
+
+    And the end-of-run evaluation's random-init encoder (`init_variables` of fold_in(seed, 0)
+    alone) is that run's step-0 state, bit for bit.
+    """
+    config, _, _ = runs
+    model, tx, _ = _model_and_optimizer(config)
+
+    def init():
+        key = jax.random.fold_in(jax.random.key(config.seed), 0)
+        return train.init_variables(model, key, config.augment.image_size)
+
+    fast, default = jax.device_get(train_state.jit_init(init)()), jax.device_get(jax.jit(init)())
+    state = jax.device_get(train.create_train_state(config, model, tx, parallel.make_mesh()))
+    leaves = jax.tree.leaves
+    for a, b in zip(leaves(fast), leaves(default), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(leaves(fast), leaves((state.batch_stats, state.params)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_step_compiles_once(runs):
     _, _, (_, _, step_fn) = runs
     assert step_fn._cache_size() == 1
@@ -144,7 +166,7 @@ def test_state_stays_replicated(runs):
 
 
 def test_train_and_evaluate_writes_every_output(tmp_path):
-    config = tiny_config(total_steps=12, log_every_steps=4, checkpoint_every_steps=6)
+    config = loop_config(12, eval_at_end=True)
     workdir = str(tmp_path / "run")
     out = train.train_and_evaluate(config, workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]
