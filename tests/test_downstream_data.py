@@ -7,7 +7,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from tiny import tiny_config
+from tiny import init, tiny_config
 
 from simclr_jax import checkpoint, data, datasets, finetune, labelled_data, linear_eval, models
 
@@ -53,7 +53,7 @@ def export(folder, tmp_path_factory):
     config = _config(folder)
     model = models.create_model(config, 2)
     variables = jax.device_get(
-        model.init(jax.random.key(0), np.zeros((2, 8, 8, 3), np.float32), train=False)
+        init(model, jax.random.key(0), np.zeros((2, 8, 8, 3), np.float32), train=False)
     )
     path = str(tmp_path_factory.mktemp("export") / "export")
     keep = {

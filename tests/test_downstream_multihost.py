@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 from test_multihost import LAUNCHER, REPO, _env, _finish, _free_port, _kill_group, _start
-from tiny import tiny_config
+from tiny import init, tiny_config
 
 from simclr_jax import checkpoint, models
 
@@ -50,8 +50,11 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("downstream_multihost")
     config = tiny_config()
     variables = jax.device_get(
-        models.create_model(config, 10).init(
-            jax.random.key(0), np.zeros((2, 8, 8, 3), np.float32), train=False
+        init(
+            models.create_model(config, 10),
+            jax.random.key(0),
+            np.zeros((2, 8, 8, 3), np.float32),
+            train=False,
         )
     )
     keep = {col: {k: variables[col][k] for k in ("encoder", "head")} for col in variables}

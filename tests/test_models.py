@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tiny import init
 from tolerances import fp32_atol
 
 from simclr_jax import config_base
@@ -30,8 +31,8 @@ def test_small_resnet_runs_and_width_multiplier_scales_channels():
     x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3))
     for width in (1, 2, 4):
         model = resnet(18, width_multiplier=width, stem="cifar", base_width=4)
-        variables = model.init(jax.random.key(0), x, train=False)
-        out = model.apply(variables, x, train=False)
+        variables = init(model, jax.random.key(0), x, train=False)
+        out = jax.jit(lambda v, m=model: m.apply(v, x, train=False))(variables)
         assert out.shape == (2, 32 * width)
         assert bool(jnp.all(jnp.isfinite(out)))
 
@@ -47,17 +48,21 @@ def test_resnet50_parameter_count():
 
 def test_resnet18_cifar_stem_has_no_pool():
     model = resnet(18, stem="cifar", base_width=8)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )
     assert variables["params"]["stem_conv"]["kernel"].shape == (3, 3, 3, 8)
     # ImageNet stem: 7x7 stride 2 + pool gives a 4x smaller map at the first stage.
     imagenet = resnet(18, stem="imagenet", base_width=8)
-    v2 = imagenet.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    v2 = jax.eval_shape(
+        lambda: imagenet.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )
     assert v2["params"]["stem_conv"]["kernel"].shape == (7, 7, 3, 8)
 
 
 def test_zero_init_last_bn():
     model = resnet(18, stem="cifar", base_width=4, zero_init_last_bn=True)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)["params"]
+    params = init(model, jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)["params"]
     assert float(jnp.abs(params["stage1_block1"]["bn2"]["scale"]).sum()) == 0.0
     assert float(params["stage1_block1"]["bn1"]["scale"].sum()) == 4.0
 
@@ -82,8 +87,10 @@ def _tiny_config(head_layers=2):
 def test_simclr_model_outputs(head_layers):
     model = create_model(_tiny_config(head_layers), num_classes=10)
     x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
-    variables = model.init(jax.random.key(1), x, train=False)
-    out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(1), x, train=False))
+    out, _ = jax.eval_shape(
+        lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]), variables
+    )
     assert out["features"].shape == (4, 32)
     assert out["projection"].shape == (4, 8)
     assert out["logits"].shape == (4, 10)
@@ -96,13 +103,13 @@ def test_simclr_model_outputs(head_layers):
 def test_linear_head_gets_no_gradient_into_encoder():
     model = create_model(_tiny_config(), num_classes=3)
     x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
-    variables = model.init(jax.random.key(1), x, train=False)
+    variables = init(model, jax.random.key(1), x, train=False)
 
     def logits_loss(params):
         out = model.apply({**variables, "params": params}, x, train=False)
         return jnp.sum(out["logits"] ** 2)
 
-    grads = jax.grad(logits_loss)(variables["params"])
+    grads = jax.jit(jax.grad(logits_loss))(variables["params"])
     enc_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["encoder"]))
     head_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["linear_head"]))
     assert enc_norm == 0.0 and head_norm > 0.0
@@ -114,7 +121,7 @@ def test_batchnorm_statistics_are_global_under_a_mesh():
     # Each device's share of the batch has different statistics (an offset per shard).
     offsets = 0.25 * jnp.repeat(jnp.arange(8.0), 2)[:, None, None, None]
     x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 3)) + offsets
-    variables = model.init(jax.random.key(1), x[:2], train=False)
+    variables = init(model, jax.random.key(1), x[:2], train=False)
 
     def forward(v, images):
         return model.apply(v, images, train=True, mutable=["batch_stats"])

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
+from tiny import init
 
 from simclr_jax import config_base, optim
 from simclr_jax.models import create_model
@@ -25,7 +26,7 @@ def _config(**optim_overrides):
 
 def _resnet_params():
     model = create_model(_config(), num_classes=10)
-    return model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 3)), train=False)["params"]
+    return init(model, jax.random.key(0), jnp.zeros((2, 8, 8, 3)), train=False)["params"]
 
 
 def test_masks_select_exactly_the_kernels_of_a_real_resnet():

@@ -5,7 +5,7 @@ import logging
 import jax
 import numpy as np
 import pytest
-from tiny import tiny_config
+from tiny import loop_config, tiny_config
 
 from simclr_jax import train
 
@@ -14,27 +14,19 @@ def _compiles_of_train_step(records) -> int:
     return sum(r.getMessage().startswith("Compiling jit(train_step)") for r in records)
 
 
-def _config(total_steps=12):
-    c = tiny_config(total_steps=total_steps, log_every_steps=4, checkpoint_every_steps=6)
-    c.eval.at_end = False
-    return c
-
-
 def test_loop_runs_under_transfer_guard_and_compiles_once(tmp_path, caplog):
     workdir = str(tmp_path)
     jax.config.update("jax_log_compiles", True)
     try:
         with caplog.at_level(logging.WARNING), jax.transfer_guard("disallow"):
             # 12 steps cross log (every 4) and checkpoint (every 6) boundaries.
-            out = train.train_and_evaluate(_config(), workdir)
+            out = train.train_and_evaluate(loop_config(), workdir)
         assert int(jax.device_get(out["state"].step)) == 12
         assert _compiles_of_train_step(caplog.records) == 1
         caplog.clear()
         # Resume to 20 steps: exactly one compile again, no implicit transfers either.
         with caplog.at_level(logging.WARNING), jax.transfer_guard("disallow"):
-            out = train.train_and_evaluate(
-                _config(total_steps=20), workdir, allow_config_change=True
-            )
+            out = train.train_and_evaluate(loop_config(20), workdir, allow_config_change=True)
         assert int(jax.device_get(out["state"].step)) == 20
         assert _compiles_of_train_step(caplog.records) == 1
     finally:
@@ -67,8 +59,10 @@ def test_bf16_keeps_loss_inputs_fp32(dtype):
     c.model.dtype = dtype
     model = models.create_model(c, num_classes=10)
     x = jnp.zeros((4, 8, 8, 3))
-    variables = model.init(jax.random.key(0), x, train=False)
-    out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    out, _ = jax.eval_shape(
+        lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]), variables
+    )
     assert out["projection"].dtype == jnp.float32  # NT-Xent logits are computed in fp32
     assert out["logits"].dtype == jnp.float32
     stats = jax.tree.leaves(variables["batch_stats"])
