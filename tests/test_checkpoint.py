@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,15 +175,16 @@ def test_corrupted_checkpoint_falls_back_to_previous(tmp_path, caplog):
 
 def test_changed_config_refuses_to_resume(tmp_path):
     workdir = str(tmp_path)
-    train.train_and_evaluate(loop_config(12), workdir)
-    # The seed is no constant of the compiled step: these runs share test_step_hygiene's.
-    changed = loop_config(20)
+    train.train_and_evaluate(loop_config(), workdir)
+    shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(workdir), "12"))  # resume from 6
+    # The seed is no constant of the compiled step: every run here is test_step_hygiene's program.
+    changed = loop_config()
     changed.seed = 1
     with pytest.raises(ValueError, match=r"seed: 0 -> 1"):
         train.train_and_evaluate(changed, workdir)
-    # Allowed explicitly: it resumes from step 12 and runs to 20, keeping the old config aside.
+    # Allowed explicitly: it resumes from step 6 and runs to 12, keeping the old config aside.
     out = train.train_and_evaluate(changed, workdir, allow_config_change=True)
-    assert int(out["state"].step) == 20
+    assert int(out["state"].step) == 12
     assert len([f for f in os.listdir(workdir) if f.startswith("config.")]) == 2
 
 

@@ -40,8 +40,8 @@ def tiny_config(base: str = "digits", **overrides):
 def loop_config(total_steps: int = 12, eval_at_end: bool = False):
     """`tiny_config` for whole runs of the loop: logs every 4 steps, checkpoints every 6.
 
-    The loop tests resume it from 12 to 20 steps, so their train steps (one program per run
-    length) compile once in the suite and load from its compile cache after that.
+    The loop tests run and resume this one run length (the LR schedule is part of the compiled
+    step), so their train step compiles once in the suite and loads from its compile cache.
     """
     c = tiny_config(total_steps=total_steps, log_every_steps=4, checkpoint_every_steps=6)
     c.eval.at_end = eval_at_end
