@@ -74,7 +74,7 @@ def load_config(args):
 
 
 def compare_im2col(args, values: list[int], rounds: int = 3) -> None:
-    """Compiles the step for each `resnet.IM2COL_MAX_PIXELS` value, alternates them round by
+    """Compiles the step for each `cpu_conv.IM2COL_MAX_PIXELS` value, alternates them round by
     round (so all see the same machine load) and prints median wall and CPU ms/step."""
     import jax
     import numpy as np
@@ -123,9 +123,9 @@ def build(args) -> tuple[Any, Any, Any]:
 
     config = load_config(args)
     if getattr(args, "im2col_max_pixels", -1) >= 0:
-        # The module (simclr_jax.models re-exports a function of the same name).
-        resnet = importlib.import_module("simclr_jax.models.resnet")
-        resnet.IM2COL_MAX_PIXELS = args.im2col_max_pixels
+        from simclr_jax.models import cpu_conv
+
+        cpu_conv.IM2COL_MAX_PIXELS = args.im2col_max_pixels
     mesh = parallel.make_mesh()
     model = models.create_model(config, num_classes=10)
     shapes = jax.eval_shape(
@@ -316,7 +316,7 @@ def main() -> None:
         "--im2col_max_pixels",
         type=int,
         default=-1,
-        help="override resnet.IM2COL_MAX_PIXELS (0: every conv through lax.conv; -1: the default)",
+        help="override cpu_conv.IM2COL_MAX_PIXELS (0: every conv via lax.conv; -1: the default)",
     )
     p.add_argument(
         "--host_size",

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from simclr_jax.models import cpu_conv
 from tests.tolerances import assert_trees_close
 
 resnet = importlib.import_module("simclr_jax.models.resnet")  # the package re-exports a function
@@ -41,7 +42,7 @@ def test_value_and_grad_equal_lax_conv(side, cin, cout, ksize, stride):
         return lambda x, k: jnp.sum(jnp.sin(f(x, k)))
 
     def im2col(x, k):
-        return resnet.conv_small_maps(x, k, (stride, stride), pad, dimension_numbers=dn)
+        return cpu_conv.conv_general_dilated(x, k, (stride, stride), pad, dimension_numbers=dn)
 
     def ref(x, k):
         return _reference(x, k, stride)
@@ -58,11 +59,11 @@ def test_value_and_grad_equal_lax_conv(side, cin, cout, ksize, stride):
 
 
 def _same_conv_jaxpr(x, k) -> str:
-    """The jaxpr of `conv_small_maps` as a stride-1, 'same'-padded 3x3 NHWC conv of x by k."""
+    """The jaxpr of `cpu_conv.conv_general_dilated` as a stride-1 'same' 3x3 NHWC conv of x by k."""
     dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
 
     def conv(x, k):
-        return resnet.conv_small_maps(x, k, (1, 1), [(1, 1)] * 2, dimension_numbers=dn)
+        return cpu_conv.conv_general_dilated(x, k, (1, 1), [(1, 1)] * 2, dimension_numbers=dn)
 
     return str(jax.make_jaxpr(conv)(x, k))
 
@@ -89,9 +90,9 @@ def test_block_params_and_grads_unchanged(monkeypatch):
 
         return variables, jax.jit(jax.value_and_grad(loss))(variables["params"])
 
-    monkeypatch.setattr(resnet, "IM2COL_MAX_PIXELS", 0)
+    monkeypatch.setattr(cpu_conv, "IM2COL_MAX_PIXELS", 0)
     ref_vars, ref = init_and_grads()
-    monkeypatch.setattr(resnet, "IM2COL_MAX_PIXELS", 4)
+    monkeypatch.setattr(cpu_conv, "IM2COL_MAX_PIXELS", 4)
     variables, got = init_and_grads()
     # Same param names, shapes and init: checkpoints, exports and official imports are unaffected.
     assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, ref_vars)
@@ -119,12 +120,12 @@ def test_materialized_inputs_change_no_bit(monkeypatch):
         f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         return f(variables["params"], x), f.lower(variables["params"], x).as_text()
 
-    monkeypatch.setattr(resnet, "single_cpu_device", lambda: True)  # the tests run 8 devices
+    monkeypatch.setattr(cpu_conv, "single_cpu_device", lambda: True)  # the tests run 8 devices
     for strides, filters in ((1, 8), (2, 16)):
         block = resnet.BasicBlock(filters=filters, strides=strides, conv=resnet._conv, norm=norm)
         got, hlo = loss_and_grads(block)
         with monkeypatch.context() as m:
-            m.setattr(resnet, "materialized", lambda v, kernel: v)
+            m.setattr(cpu_conv, "materialized", lambda v, kernel: v)
             ref, ref_hlo = loss_and_grads(block)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -133,3 +134,57 @@ def test_materialized_inputs_change_no_bit(monkeypatch):
     # The image (3 channels, the stem's input) is left as it is.
     jaxpr = _same_conv_jaxpr(jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 8)))
     assert "cond" not in jaxpr and "conv_general_dilated" in jaxpr
+
+
+def test_kernel_grad_chunks_follow_the_input_size(monkeypatch):
+    """One range (lax.conv's own gradient) on several devices, in bf16 and under the limit; on
+    one CPU device the digits default's 16x16x16 stage splits into 8 chunks of 64 images."""
+    stage1 = jax.ShapeDtypeStruct((512, 16, 16, 16), jnp.float32)
+    assert cpu_conv.kernel_grad_chunks(stage1) == [(0, 512)]  # the tests run 8 devices
+    monkeypatch.setattr(cpu_conv, "single_cpu_device", lambda: True)
+    assert cpu_conv.kernel_grad_chunks(stage1) == [(64 * i, 64 * (i + 1)) for i in range(8)]
+    assert cpu_conv.kernel_grad_chunks(stage1.update(dtype=jnp.bfloat16)) == [(0, 512)]
+    assert cpu_conv.kernel_grad_chunks(jax.ShapeDtypeStruct((512, 4, 4, 64), jnp.float32)) == [
+        (0, 256),
+        (256, 512),
+    ]
+    assert cpu_conv.kernel_grad_chunks(jax.ShapeDtypeStruct((64, 8, 8, 4), jnp.float32)) == [
+        (0, 64)
+    ]
+
+
+def test_chunked_kernel_grad_equals_lax_conv(monkeypatch):
+    """Kernel gradients summed over uneven batch chunks: values and input gradients bit-equal to
+    lax.conv's, the kernel gradient equal to a float64 sum to fp32 rounding, as lax.conv's is."""
+    monkeypatch.setattr(cpu_conv, "single_cpu_device", lambda: True)
+    monkeypatch.setattr(cpu_conv, "KERNEL_GRAD_CHUNK_ELEMENTS", 1500)
+    x = jax.random.normal(jax.random.key(4), (8, 8, 8, 8)) + 0.5
+    k = jax.random.normal(jax.random.key(5), (3, 3, 8, 16)) / np.sqrt(9 * 8)
+    g = jax.random.normal(jax.random.key(6), (8, 8, 8, 16))
+    assert cpu_conv.kernel_grad_chunks(x) == [(0, 2), (2, 5), (5, 8)]
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def value_and_grads(conv):
+        y, vjp = jax.vjp(lambda x, k: conv(x, k, (1, 1), [(1, 1)] * 2, dimension_numbers=dn), x, k)
+        return (y, *vjp(g))
+
+    y, dx, dk = jax.jit(lambda: value_and_grads(cpu_conv.conv_general_dilated))()
+    y_ref, dx_ref, dk_ref = jax.jit(lambda: value_and_grads(lax.conv_general_dilated))()
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_array_equal(np.asarray(dx), np.asarray(dx_ref))
+    assert not np.array_equal(np.asarray(dk), np.asarray(dk_ref))  # the chunks did run
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    g64 = np.asarray(g, np.float64)
+    dk64 = np.stack(
+        [
+            np.stack(
+                [np.einsum("nhwc,nhwd->cd", xp[:, i : i + 8, j : j + 8], g64) for j in range(3)]
+            )
+            for i in range(3)
+        ]
+    )
+    n = 8 * 8 * 8  # each kernel-gradient element sums over the batch and the map
+    assert_trees_close(dk, dk64, reduction_len=n, depth=1)
+    assert_trees_close(dk_ref, dk64, reduction_len=n, depth=1)
+    hlo = jax.jit(lambda: value_and_grads(cpu_conv.conv_general_dilated)).lower().as_text()
+    assert hlo.count("stablehlo.convolution") == 1 + 1 + 3  # value, input gradient, 3 chunks

@@ -10,7 +10,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
+
+from simclr_jax.models.cpu_conv import conv_general_dilated
 
 # SimCLR's TF code uses decay 0.9 and epsilon 1e-5; torchvision's eps is also 1e-5, so an
 # exported encoder computes the same numbers in PyTorch.
@@ -37,108 +38,6 @@ COMPATS = ("torchvision", "simclr_tf")
 SK_MIN_DIM = 32  # the official SK mixing MLP is never narrower than this
 
 
-# Convolutions whose output map has at most this many pixels run as an explicit im2col (the
-# kernel-offset slices of the padded input side by side on the channel axis) and one matmul with
-# the kernel reshaped to [kh * kw * Cin, Cout]. XLA:CPU runs a 3x3 conv onto 2x2 maps about 10x
-# slower than this matmul (docs/benchmarks.md); on 4x4 maps and larger its own conv is faster.
-# The sum is the same (only its rounding order differs) and the params are those of nn.Conv.
-IM2COL_MAX_PIXELS = 4
-_NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
-
-
-def single_cpu_device() -> bool:
-    """True when JAX runs on one CPU device (where `materialized` applies)."""
-    return jax.default_backend() == "cpu" and jax.device_count() == 1
-
-
-def materialized(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-    """`x` computed into a buffer of its own on one CPU device (else unchanged): a conv input.
-
-    For a conv's kernel gradient XLA:CPU copies the input into a [C, H, W, N] layout, and it fuses
-    the whole elementwise chain that made the input (BatchNorm, ReLU and residual adds back to
-    the stage's first conv) into that copy, recomputing it with strided reads: 13-26 ms per copy
-    on the digits default (docs/benchmarks.md). A conditional's result is always a buffer, so the
-    copy reads it once. `lax.optimization_barrier` would say this directly, but XLA:CPU drops
-    barriers before fusion. Both branches give `x` (the second only runs if the kernel holds a
-    NaN), so values and gradients stay the same bit for bit. Only on a single CPU device, where
-    that was measured (the digits default): programs sharded over several devices (the tests'
-    8 virtual ones, multi-host CPU runs) compile exactly as before.
-    """
-    if not single_cpu_device():
-        return x
-    first = kernel.reshape(-1)[0]
-    return lax.cond(first == first, lambda v: v, lambda v: v + 0, x)
-
-
-def conv_small_maps(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    precision=None,
-    **kwargs,
-):
-    """`lax.conv_general_dilated` for `nn.Conv`, as im2col + dot on small output maps.
-
-    Falls back to `lax.conv_general_dilated` for maps above `IM2COL_MAX_PIXELS` (with inputs of
-    more than 3 channels `materialized`), dilations, feature groups, string paddings and layouts
-    other than NHWC/HWIO.
-    """
-
-    def conv(x):
-        return lax.conv_general_dilated(
-            x,
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation,
-            dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count,
-            precision=precision,
-            **kwargs,
-        )
-
-    plain = all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-    if (
-        kwargs
-        or not plain
-        or feature_group_count != 1
-        or isinstance(padding, str)
-        or lhs.ndim != 4
-        or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC
-    ):
-        return conv(lhs)
-    (kh, kw, cin, cout), (sh, sw) = rhs.shape, tuple(window_strides)
-    (ph0, ph1), (pw0, pw1) = (tuple(p) for p in padding)
-    b, h, w, _ = lhs.shape
-    ho, wo = (h + ph0 + ph1 - kh) // sh + 1, (w + pw0 + pw1 - kw) // sw + 1
-    if ho * wo > IM2COL_MAX_PIXELS or ho < 1 or wo < 1:
-        # Not the image (the stem's input): it has no such chain, and materialising it changes
-        # the rounding of the stem's kernel gradient (2.5e-7 relative on the digits default).
-        return conv(materialized(lhs, rhs) if cin > 3 else lhs)
-    x = lax.pad(lhs, jnp.zeros((), lhs.dtype), ((0, 0, 0), (ph0, ph1, 0), (pw0, pw1, 0), (0, 0, 0)))
-    cols = [
-        lax.slice(
-            x, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin), (1, sh, sw, 1)
-        )
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-    y = lax.dot_general(
-        patches.reshape(b * ho * wo, kh * kw * cin),
-        rhs.reshape(kh * kw * cin, cout),
-        (((1,), (0,)), ((), ())),
-        precision=precision,
-    )
-    return y.reshape(b, ho, wo, cout)
-
-
 def _conv(
     features: int,
     kernel_size: tuple[int, int],
@@ -161,7 +60,7 @@ def _conv(
         use_bias=False,
         dtype=dtype,
         kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-        conv_general_dilated=conv_small_maps,
+        conv_general_dilated=conv_general_dilated,
         name=name,
     )
 
