@@ -73,20 +73,21 @@ def load_config(args):
     return c
 
 
-def compare_im2col(args, values: list[int], rounds: int = 3) -> None:
-    """Compiles the step for each `cpu_conv.IM2COL_MAX_PIXELS` value, alternates them round by
-    round (so all see the same machine load) and prints median wall and CPU ms/step."""
+def compare(args, flag: str, values: list[int]) -> None:
+    """Compiles the step for each value of `--<flag>`, alternates them round by round (so all
+    see the same machine load) for `--rounds` rounds and prints median wall and CPU ms/step."""
     import jax
     import numpy as np
 
     runs = []
     for v in values:
-        args.im2col_max_pixels = v
+        setattr(args, flag, v)
+        t0 = time.perf_counter()
         compiled, state, batch = build(args)
         state, m = compiled(state, batch)  # warm-up
         jax.block_until_ready(m)
-        runs.append([v, compiled, state, batch, [], []])
-    for _ in range(rounds):
+        runs.append([v, compiled, state, batch, [], [], time.perf_counter() - t0])
+    for _ in range(args.rounds):
         for r in runs:
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
@@ -96,11 +97,14 @@ def compare_im2col(args, values: list[int], rounds: int = 3) -> None:
             r[5].append((time.process_time() - c0) / args.steps)
     base_wall, base_cpu = float(np.median(runs[0][4])), float(np.median(runs[0][5]))
     print(f"load average {os.getloadavg()[0]:.1f}")
-    print("| im2col_max_pixels | ms/step | ratio | CPU ms/step | CPU ratio |")
-    print("|---|---|---|---|---|")
-    for v, *_, wall, cpu in runs:
+    print(f"| {flag} | ms/step | ratio | CPU ms/step | CPU ratio | build + warm-up s |")
+    print("|---|---|---|---|---|---|")
+    for v, *_, wall, cpu, build_s in runs:
         w, c = float(np.median(wall)), float(np.median(cpu))
-        print(f"| {v} | {1e3 * w:.0f} | {w / base_wall:.2f} | {1e3 * c:.0f} | {c / base_cpu:.2f} |")
+        print(
+            f"| {v} | {1e3 * w:.0f} | {w / base_wall:.2f} | {1e3 * c:.0f} | {c / base_cpu:.2f} "
+            f"| {build_s:.1f} |"
+        )
 
 
 def peak_flops(device, dtype: str) -> float | None:
@@ -120,12 +124,14 @@ def build(args) -> tuple[Any, Any, Any]:
     import numpy as np
 
     from simclr_jax import models, optim, parallel, train
+    from simclr_jax.models import cpu_conv
 
     config = load_config(args)
     if getattr(args, "im2col_max_pixels", -1) >= 0:
-        from simclr_jax.models import cpu_conv
-
         cpu_conv.IM2COL_MAX_PIXELS = args.im2col_max_pixels
+    chunk = getattr(args, "kernel_grad_chunk_elements", -1)
+    if chunk >= 0:  # 0: never chunk
+        cpu_conv.KERNEL_GRAD_CHUNK_ELEMENTS = chunk or sys.maxsize
     mesh = parallel.make_mesh()
     model = models.create_model(config, num_classes=10)
     shapes = jax.eval_shape(
@@ -331,10 +337,22 @@ def main() -> None:
         help="XLA:CPU flags of simclr_jax.platform_flags (CPU only)",
     )
     p.add_argument(
+        "--kernel_grad_chunk_elements",
+        type=int,
+        default=-1,
+        help="override cpu_conv.KERNEL_GRAD_CHUNK_ELEMENTS (0: no chunks; -1: the default)",
+    )
+    p.add_argument(
         "--compare_im2col",
         default="",
         help="e.g. 0,4: A/B these --im2col_max_pixels values in one process, alternated",
     )
+    p.add_argument(
+        "--compare_kernel_grad_chunks",
+        default="",
+        help="e.g. 0,262144: A/B these --kernel_grad_chunk_elements values, alternated",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the --compare_* A/Bs")
     p.add_argument("--with_input", action="store_true")
     p.add_argument(
         "--profile_dir", default="", help="also trace 3 steps there and print the top ops"
@@ -359,7 +377,11 @@ def main() -> None:
 
         platform_flags.set_cpu_flags()
     if args.compare_im2col:
-        compare_im2col(args, [int(v) for v in args.compare_im2col.split(",")])
+        compare(args, "im2col_max_pixels", [int(v) for v in args.compare_im2col.split(",")])
+        return
+    if args.compare_kernel_grad_chunks:
+        values = [int(v) for v in args.compare_kernel_grad_chunks.split(",")]
+        compare(args, "kernel_grad_chunk_elements", values)
         return
     row = run(args)
     print(json.dumps(row) if args.json else "", end="\n" if args.json else "")
