@@ -82,12 +82,10 @@ def conv_row(side: int, cin: int, cout: int, stride: int, batch: int, chunk_coun
         return jax.vjp(lambda v: conv(v, w), x)[1](g)[0]
 
     def kernel_grad(x, g, chunks=1):
-        edges = [batch * i // chunks for i in range(chunks + 1)]
-        parts = [
-            jax.vjp(lambda k, a=a, b=b: conv(x[a:b], k), w)[1](g[a:b])[0]
-            for a, b in zip(edges[:-1], edges[1:], strict=True)
-        ]
-        return cpu_conv._pairwise_sum(parts)
+        if chunks == 1:
+            return jax.vjp(lambda k: conv(x, k), w)[1](g)[0]
+        chunked = cpu_conv.chunked_kernel_grad(conv, cpu_conv.batch_ranges(batch, chunks))
+        return jax.vjp(lambda k: chunked(x, k), w)[1](g)[0]
 
     cells = [
         f"3x3 s{stride}, {side}x{side}, {cin} -> {cout}",

@@ -62,10 +62,15 @@ def kernel_grad_chunks(x: jnp.ndarray) -> list[tuple[int, int]]:
     """
     n = x.shape[0]
     chunks = -(-x.size // KERNEL_GRAD_CHUNK_ELEMENTS)
-    if not single_cpu_device() or x.dtype != jnp.float32 or chunks < 2 or n < 2:
+    if not single_cpu_device() or x.dtype != jnp.float32:
         return [(0, n)]
-    chunks = min(chunks, n)
-    edges = [n * i // chunks for i in range(chunks + 1)]
+    return batch_ranges(n, chunks)
+
+
+def batch_ranges(n: int, count: int) -> list[tuple[int, int]]:
+    """`min(count, n)` contiguous ranges splitting `range(n)` as evenly as can be (at least one)."""
+    count = max(1, min(count, n))
+    edges = [n * i // count for i in range(count + 1)]
     return list(zip(edges[:-1], edges[1:], strict=True))
 
 
@@ -77,7 +82,7 @@ def _pairwise_sum(parts: list[jnp.ndarray]) -> jnp.ndarray:
     return parts[0]
 
 
-def _chunked_kernel_grad(conv: Callable, chunks: list[tuple[int, int]]) -> Callable:
+def chunked_kernel_grad(conv: Callable, chunks: list[tuple[int, int]]) -> Callable:
     """`conv(x, kernel)` whose kernel gradient is the pairwise sum over the batch `chunks`."""
 
     @jax.custom_vjp
@@ -155,7 +160,7 @@ def conv_general_dilated(
             return conv(lhs, rhs)
         x = materialized(lhs, rhs)
         chunks = kernel_grad_chunks(x)
-        return conv(x, rhs) if len(chunks) == 1 else _chunked_kernel_grad(conv, chunks)(x, rhs)
+        return conv(x, rhs) if len(chunks) == 1 else chunked_kernel_grad(conv, chunks)(x, rhs)
     x = lax.pad(lhs, jnp.zeros((), lhs.dtype), ((0, 0, 0), (ph0, ph1, 0), (pw0, pw1, 0), (0, 0, 0)))
     cols = [
         lax.slice(
