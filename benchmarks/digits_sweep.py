@@ -60,7 +60,7 @@ ADAMW = [
 LR2 = [*ADAMW, "--config.optim.base_lr=0.002"]
 
 RECIPES: dict[str, list[str]] = {
-    "default": [],  # = adamw_lr0.002_t0.3 at 600 steps
+    "default": [],  # = adamw_lr0.002_t0.3 at 600 steps, crops >= 0.3 (= area0.3 before 12-03)
     "lars": LARS,
     "lars_lr0.5": [*LARS, "--config.optim.base_lr=0.5"],
     "adamw": ADAMW,
@@ -76,9 +76,29 @@ RECIPES: dict[str, list[str]] = {
     "adamw_lr0.002_t0.3_seed2": [*LR2, "--config.temperature=0.3", "--config.seed=2"],
     # The sweep under YNNPACK's reductions (docs/benchmarks.md): the 400-step default of before
     # (= adamw_lr0.002_t0.3), one temperature at 400 steps, and a longer run than the default.
-    "400": ["--config.total_steps=400"],
-    "400_t0.5": ["--config.total_steps=400", "--config.temperature=0.5"],
-    "800": ["--config.total_steps=800"],
+    "400": ["--config.total_steps=400", "--config.augment.area_min=0.2"],
+    "400_t0.5": [
+        "--config.total_steps=400",
+        "--config.augment.area_min=0.2",
+        "--config.temperature=0.5",
+    ],
+    "800": ["--config.total_steps=800", "--config.augment.area_min=0.2"],
+    # Issue 17 item 1's linear margin (2026-12-03): the 600-step default of before (crops >= 0.2)
+    # with one change each; area0.3 became the default.
+    "area0.2": ["--config.augment.area_min=0.2"],
+    "t0.2": ["--config.augment.area_min=0.2", "--config.temperature=0.2"],
+    "area0.3": ["--config.augment.area_min=0.3"],
+    "area0.4": ["--config.augment.area_min=0.4"],
+    "head256": [
+        "--config.augment.area_min=0.2",
+        "--config.model.head_hidden_dim=256",
+        "--config.model.head_out_dim=128",
+    ],
+    "area0.3_head256": [
+        "--config.augment.area_min=0.3",
+        "--config.model.head_hidden_dim=256",
+        "--config.model.head_out_dim=128",
+    ],
 }
 
 
