@@ -60,11 +60,9 @@ def kernel_grad_chunks(x: jnp.ndarray) -> list[tuple[int, int]]:
     One range (the whole batch: `lax.conv`'s own gradient) unless on one CPU device with an fp32
     input of more than `KERNEL_GRAD_CHUNK_ELEMENTS` elements (bf16 partial sums would round).
     """
-    n = x.shape[0]
-    chunks = -(-x.size // KERNEL_GRAD_CHUNK_ELEMENTS)
     if not single_cpu_device() or x.dtype != jnp.float32:
-        return [(0, n)]
-    return batch_ranges(n, chunks)
+        return [(0, x.shape[0])]
+    return batch_ranges(x.shape[0], -(-x.size // KERNEL_GRAD_CHUNK_ELEMENTS))
 
 
 def batch_ranges(n: int, count: int) -> list[tuple[int, int]]:
