@@ -56,13 +56,11 @@ def child(args: argparse.Namespace) -> dict[str, float]:
     platform_flags.set_cpu_flags()
     import jax
 
-    from simclr_jax import checkpoint, data, optim, parallel, train, train_state
+    from simclr_jax import checkpoint, data, parallel, train, train_state
 
     config = _config(args)
-    model = train.create_model(config, data.dataset_info(config).num_classes)
+    model, tx, _ = train.model_and_optimizer(config, data.dataset_info(config).num_classes, 10)
     size = config.augment.image_size
-    shapes = jax.eval_shape(lambda: train.init_variables(model, jax.random.key(0), size))
-    tx, _ = optim.make_optimizer(config, shapes["params"], 10)
     mesh = parallel.make_mesh()
 
     def init():

@@ -123,7 +123,7 @@ def build(args) -> tuple[Any, Any, Any]:
     import jax
     import numpy as np
 
-    from simclr_jax import models, optim, parallel, train
+    from simclr_jax import parallel, train
     from simclr_jax.models import cpu_conv
 
     config = load_config(args)
@@ -133,11 +133,7 @@ def build(args) -> tuple[Any, Any, Any]:
     if chunk >= 0:  # 0: never chunk
         cpu_conv.KERNEL_GRAD_CHUNK_ELEMENTS = chunk or sys.maxsize
     mesh = parallel.make_mesh()
-    model = models.create_model(config, num_classes=10)
-    shapes = jax.eval_shape(
-        lambda: train.init_variables(model, jax.random.key(0), config.augment.image_size)
-    )
-    tx, schedule = optim.make_optimizer(config, shapes["params"], steps_per_epoch=100)
+    model, tx, schedule = train.model_and_optimizer(config, num_classes=10, steps_per_epoch=100)
     state = train.create_train_state(config, model, tx, mesh)
     size = config.data.image_size
     rng = np.random.default_rng(0)

@@ -41,6 +41,18 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
     return methods.get(config.method).build_model(config, num_classes)
 
 
+def model_and_optimizer(
+    config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int
+) -> tuple[Any, optax.GradientTransformation, optax.Schedule]:
+    """The run's network, its optimizer and LR schedule (built on the params' shapes only)."""
+    model = create_model(config, num_classes)
+    shapes = jax.eval_shape(
+        lambda: init_variables(model, jax.random.key(0), config.augment.image_size)
+    )
+    tx, schedule = optim.make_optimizer(config, shapes["params"], steps_per_epoch)
+    return model, tx, schedule
+
+
 def _state_initializer(
     config: ml_collections.ConfigDict,
     model: Any,
@@ -181,11 +193,7 @@ def train_and_evaluate(
         else:
             log.info(line)
 
-    model = create_model(config, info.num_classes)
-    params_shape = jax.eval_shape(
-        lambda: init_variables(model, jax.random.key(0), config.augment.image_size)
-    )["params"]
-    tx, schedule = optim.make_optimizer(config, params_shape, steps_per_epoch)
+    model, tx, schedule = model_and_optimizer(config, info.num_classes, steps_per_epoch)
     loop.check_resume_config(config, workdir, allow_config_change)
     manager = checkpoint.create_manager(
         workdir, keep=config.keep_checkpoints, keep_period=config.keep_period
@@ -323,11 +331,7 @@ def restore_for_inference(
     mesh = parallel.make_mesh()
     info = data.dataset_info(config)
     steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
-    model = create_model(config, info.num_classes)
-    shapes = jax.eval_shape(
-        lambda: init_variables(model, jax.random.key(0), config.augment.image_size)
-    )
-    tx, _ = optim.make_optimizer(config, shapes["params"], steps_per_epoch)
+    model, tx, _ = model_and_optimizer(config, info.num_classes, steps_per_epoch)
     abstract = abstract_train_state(config, model, tx, mesh, info.num_train_examples)
     manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints)
     try:

@@ -11,9 +11,9 @@ import time
 import jax
 import numpy as np
 import pytest
-from tiny import loop_config, tiny_config
+from tiny import loop_config, model_and_optimizer, tiny_config
 
-from simclr_jax import checkpoint, config_base, data, models, optim, parallel, train
+from simclr_jax import checkpoint, config_base, parallel, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,11 +108,8 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, uninterrupted, si
 
 def _parts(devices, config):
     """(model, tx, mesh) of the tiny run on `devices`."""
-    mesh = parallel.make_mesh(devices)
-    model = models.create_model(config, data.dataset_info(config).num_classes)
-    shapes = jax.eval_shape(lambda: train.init_variables(model, jax.random.key(0), 8))
-    tx, _ = optim.make_optimizer(config, shapes["params"], 10)
-    return model, tx, mesh
+    model, tx, _ = model_and_optimizer(config)
+    return model, tx, parallel.make_mesh(devices)
 
 
 def _filled_state(config, model, tx, mesh):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from tiny import load_config, tiny_config
+from tiny import load_config, model_and_optimizer, tiny_config
 from tolerances import EPS32, assert_trees_close, fp32_rtol
 
-from simclr_jax import checkpoint, config_base, data, datasets, losses, optim, parallel, train
+from simclr_jax import checkpoint, config_base, data, datasets, losses, parallel, train
 from simclr_jax.methods import instdisc
 
 STEPS = 30
@@ -35,22 +35,10 @@ def _config(**overrides):
     return c
 
 
-def _setup(config):
-    info = data.dataset_info(config)
-    model = train.create_model(config, info.num_classes)
-    shapes = jax.eval_shape(
-        lambda: train.init_variables(model, jax.random.key(0), config.augment.image_size)
-    )
-    tx, schedule = optim.make_optimizer(
-        config, shapes["params"], info.num_train_examples // config.batch_size
-    )
-    return model, tx, schedule
-
-
 def _hand_run(config, devices, steps):
     """`steps` steps on `devices`: host copies of every state, the batches and the metrics."""
     mesh = parallel.make_mesh(devices)
-    model, tx, schedule = _setup(config)
+    model, tx, schedule = model_and_optimizer(config)
     state = train.create_train_state(config, model, tx, mesh)
     step_fn = train.compile_train_step(config, model, tx, schedule, mesh)
     it = data.pretrain_iterator(config, with_index=True)
@@ -291,7 +279,7 @@ def test_resume_is_bit_exact(run, tmp_path):
     config, r = run
     workdir = str(tmp_path / "run")
     mesh = parallel.make_mesh()
-    model, tx, _ = _setup(config)
+    model, tx, _ = model_and_optimizer(config)
     shardings = train.state_shardings(config, model, tx, mesh)
     manager = checkpoint.create_manager(workdir)
     checkpoint.save(

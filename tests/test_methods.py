@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import tiny_config
+from tiny import model_and_optimizer, tiny_config
 from tolerances import assert_trees_close, fp32_rtol
 
 from simclr_jax import (
@@ -14,7 +14,6 @@ from simclr_jax import (
     downstream,
     losses,
     methods,
-    optim,
     parallel,
     train,
 )
@@ -22,18 +21,6 @@ from simclr_jax.methods import base, byol
 
 STEPS = {"byol": 4, "simsiam": 40}  # SimSiam's run is long enough to show (non-)collapse
 VIEW_PIXELS = 2 * 32 * 8 * 8  # 2 views x batch 32 x 8 x 8 px: the step's longest reduction
-
-
-def _setup(config, mesh):
-    info = data.dataset_info(config)
-    model = train.create_model(config, info.num_classes)
-    shapes = jax.eval_shape(
-        lambda: train.init_variables(model, jax.random.key(0), config.augment.image_size)
-    )
-    tx, schedule = optim.make_optimizer(
-        config, shapes["params"], info.num_train_examples // config.batch_size
-    )
-    return model, tx, schedule
 
 
 def _config(method, **overrides):
@@ -58,7 +45,7 @@ def _config(method, **overrides):
 def _hand_run(config, devices, steps):
     """`steps` steps on `devices`; host copies of every state (the step donates its input)."""
     mesh = parallel.make_mesh(devices)
-    model, tx, schedule = _setup(config, mesh)
+    model, tx, schedule = model_and_optimizer(config)
     state = train.create_train_state(config, model, tx, mesh)
     step_fn = train.compile_train_step(config, model, tx, schedule, mesh)
     it = data.pretrain_iterator(config)

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import load_config, tiny_config
+from tiny import load_config, model_and_optimizer, tiny_config
 from tolerances import fp32_atol
 
-from simclr_jax import checkpoint, config_base, data, losses, models, optim, parallel, train
+from simclr_jax import checkpoint, config_base, data, losses, parallel, train
 from simclr_jax.methods import moco
 from simclr_jax.train_state import make_views, step_key
 
@@ -29,25 +29,13 @@ def _moco_config():
     return c
 
 
-def _setup(config, mesh):
-    info = data.dataset_info(config)
-    model = models.create_model(config, info.num_classes)
-    shapes = jax.eval_shape(
-        lambda: train.init_variables(model, jax.random.key(0), config.augment.image_size)
-    )
-    tx, schedule = optim.make_optimizer(
-        config, shapes["params"], info.num_train_examples // config.batch_size
-    )
-    return model, tx, schedule
-
-
 @pytest.fixture(scope="module")
 def run():
     """STEPS MoCo steps on 8 devices; host copies of every state (the step donates its input)."""
     config = _moco_config()
     mesh = parallel.make_mesh()
     assert mesh.devices.size == 8
-    model, tx, schedule = _setup(config, mesh)
+    model, tx, schedule = model_and_optimizer(config)
     state = train.create_train_state(config, model, tx, mesh)
     step_fn = train.compile_train_step(config, model, tx, schedule, mesh, total_steps=STEPS)
     it = data.pretrain_iterator(config)
@@ -188,7 +176,7 @@ def test_train_resume_restores_the_queue(run, tmp_path):
 
     # The checkpoint holds the queue: restoring onto the abstract state gives it back exactly.
     mesh = parallel.make_mesh()
-    _, tx, _ = _setup(config, mesh)
+    _, tx, _ = model_and_optimizer(config)
     abstract = train.abstract_train_state(config, model, tx, mesh)
     assert abstract.method_state["queue"].shape == (2 * config.batch_size, 16)
 

@@ -6,30 +6,20 @@ import os
 import jax
 import numpy as np
 import pytest
-from tiny import loop_config, tiny_config
+from tiny import loop_config, model_and_optimizer, tiny_config
 from tolerances import assert_trees_close, fp32_rtol
 
-from simclr_jax import config_base, data, models, optim, parallel, train, train_state
-
-
-def _model_and_optimizer(config, steps_per_epoch=44):
-    """The config's model, optimizer and LR schedule, as a run builds them."""
-    model = models.create_model(config, data.dataset_info(config).num_classes)
-    shapes = jax.eval_shape(
-        lambda: train.init_variables(model, jax.random.key(0), config.augment.image_size)
-    )
-    tx, schedule = optim.make_optimizer(config, shapes["params"], steps_per_epoch)
-    return model, tx, schedule
+from simclr_jax import config_base, data, parallel, train, train_state
 
 
 def _step_fn(config, mesh):
-    model, tx, schedule = _model_and_optimizer(config)
+    model, tx, schedule = model_and_optimizer(config)
     return train.compile_train_step(config, model, tx, schedule, mesh)
 
 
 def _init_state(config, mesh):
     """The train state a run starts from (as in `run_steps`), on `mesh`."""
-    model, tx, _ = _model_and_optimizer(config)
+    model, tx, _ = model_and_optimizer(config)
     return train.create_train_state(config, model, tx, mesh)
 
 
@@ -37,7 +27,7 @@ def run_steps(config, devices, steps):
     """Runs `steps` real train steps on `devices`; returns (state, per-step losses)."""
     mesh = parallel.make_mesh(devices)
     spe = data.dataset_info(config).num_train_examples // config.batch_size
-    model, tx, schedule = _model_and_optimizer(config, spe)
+    model, tx, schedule = model_and_optimizer(config, spe)
     state = train.create_train_state(config, model, tx, mesh)
     step_fn = train.compile_train_step(config, model, tx, schedule, mesh)
     it = data.pretrain_iterator(config)
@@ -138,7 +128,7 @@ def test_initialisation_at_O2_has_the_bits_of_the_default_compile(runs):
     alone) is that run's step-0 state, bit for bit.
     """
     config, _, _ = runs
-    model, tx, _ = _model_and_optimizer(config)
+    model, tx, _ = model_and_optimizer(config)
 
     def init():
         key = jax.random.fold_in(jax.random.key(config.seed), 0)

@@ -2,7 +2,7 @@
 
 import os
 
-from simclr_jax import config_base, train_state
+from simclr_jax import config_base, data, train, train_state
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -55,3 +55,10 @@ def init(model, *args, **kwargs):
     against ~2 s in one -O2 program (with the same bits as the -O3 program).
     """
     return train_state.jit_init(lambda: model.init(*args, **kwargs))()
+
+
+def model_and_optimizer(config, steps_per_epoch: int | None = None):
+    """(model, tx, schedule) as a run builds them; steps_per_epoch defaults to the dataset's."""
+    info = data.dataset_info(config)
+    spe = steps_per_epoch or info.num_train_examples // config.batch_size
+    return train.model_and_optimizer(config, info.num_classes, spe)
