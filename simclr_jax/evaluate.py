@@ -22,6 +22,47 @@ from simclr_jax.train_state import init_variables, jit_init
 log = logging.getLogger(__name__)
 
 
+def frozen_encoder(
+    source: downstream.Source, num_classes: int, image_size: int, mesh: Mesh
+) -> tuple[downstream.Classifier, Any]:
+    """A linear-evaluation classifier on `source` and its variables, replicated over `mesh`."""
+    model = downstream.build_classifier(source.model_config, 0, num_classes, freeze=True)
+    variables = downstream.initial_variables(model, source, image_size)
+    return model, jax.device_put(variables, parallel.replicated(mesh))
+
+
+def feature_banks(
+    config: ml_collections.ConfigDict, model: downstream.Classifier, variables: Any, mesh: Mesh
+) -> list[tuple[jax.Array, jax.Array]]:
+    """The train and test splits' centre-crop feature banks, capped at eval_max_examples."""
+    apply_fn = downstream.apply_encoder(model)
+    cap = config.data.eval_max_examples
+    return [
+        knn.feature_bank(apply_fn, variables, config, mesh, split, 0, cap)
+        for split in ("train", "test")
+    ]
+
+
+def step0_variables(config: ml_collections.ConfigDict, model: Any) -> dict[str, Any]:
+    """The pretraining run's step-0 variables (its own jitted init of fold_in(seed, 0))."""
+    # Compiled as the run compiles it: the same bits (an eager op-by-op init rounds differently).
+    key = jax.random.fold_in(jax.random.key(config.seed), 0)
+    return jit_init(lambda: init_variables(model, key, config.augment.image_size))()
+
+
+def encoder_source(
+    config: ml_collections.ConfigDict, variables: Any, path: str
+) -> downstream.Source:
+    """The encoder part of a pretraining model's `{params, batch_stats}` as a host Source."""
+    enc = jax.device_get(
+        {
+            "params": {"encoder": variables["params"]["encoder"]},
+            "batch_stats": {"encoder": variables["batch_stats"]["encoder"]},
+        }
+    )
+    return downstream.Source(config.model, enc, path)
+
+
 def evaluate_encoder(
     config: ml_collections.ConfigDict,
     source: downstream.Source,
@@ -34,15 +75,8 @@ def evaluate_encoder(
     serve both the fast linear probe and the kNN; 'streamed': the augmented linear evaluation
     run (`downstream_run.run_classifier`) for `eval.linear_epochs`, then the kNN.
     """
-    model = downstream.build_classifier(source.model_config, 0, num_classes, freeze=True)
-    variables = downstream.initial_variables(model, source, config.augment.image_size)
-    cap = config.data.eval_max_examples
-    apply_fn = downstream.apply_encoder(model)
-    variables = jax.device_put(variables, parallel.replicated(mesh))
-    banks = [
-        knn.feature_bank(apply_fn, variables, config, mesh, split, 0, cap)
-        for split in ("train", "test")
-    ]
+    model, variables = frozen_encoder(source, num_classes, config.augment.image_size, mesh)
+    banks = feature_banks(config, model, variables, mesh)
     section = config.linear_eval.copy_and_resolve_references()
     with section.unlocked():
         section.epochs = config.eval.linear_epochs
@@ -58,6 +92,7 @@ def evaluate_encoder(
             trust_coefficient=config.optim.trust_coefficient,
         )
     else:
+        cap = config.data.eval_max_examples
         run = downstream_run.ClassifierRun("eval", model, variables, section, max_examples=cap)
         lin = downstream_run.run_classifier(config, run, mesh, None, show_progress=False)
     nn = knn.knn_on_banks(
@@ -94,22 +129,13 @@ def evaluate_run(
     same with top-5 under 'linear_top5' / 'knn_top5'.
     """
     info = data.dataset_info(config)
-    size = config.augment.image_size
-    # The pretraining run's own initialisation (fold_in(seed, 0)), compiled as the run compiles
-    # it: the same encoder at step 0, bit for bit (eager op-by-op init rounds differently).
-    random_vars = jit_init(
-        lambda: init_variables(model, jax.random.fold_in(jax.random.key(config.seed), 0), size)
-    )()
     trained_vars = {"params": state.params, "batch_stats": state.batch_stats}
     results: dict[str, dict[str, float]] = {}
-    for name, variables in (("random_init", random_vars), ("pretrained", trained_vars)):
-        enc = jax.device_get(
-            {
-                "params": {"encoder": variables["params"]["encoder"]},
-                "batch_stats": {"encoder": variables["batch_stats"]["encoder"]},
-            }
-        )
-        source = downstream.Source(config.model, enc, os.path.abspath(workdir))
+    for name, variables in (
+        ("random_init", step0_variables(config, model)),
+        ("pretrained", trained_vars),
+    ):
+        source = encoder_source(config, variables, os.path.abspath(workdir))
         for kind, value in evaluate_encoder(config, source, mesh, info.num_classes).items():
             results.setdefault(kind, {})[name] = value
     if jax.process_index() == 0:

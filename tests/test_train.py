@@ -9,7 +9,7 @@ import pytest
 from tiny import loop_config, model_and_optimizer, tiny_config
 from tolerances import assert_trees_close, fp32_rtol
 
-from simclr_jax import config_base, data, parallel, train, train_state
+from simclr_jax import config_base, data, evaluate, parallel, train
 
 
 def _step_fn(config, mesh):
@@ -124,8 +124,8 @@ def test_one_step_from_a_trained_state_is_device_count_invariant(runs):
 def test_initialisation_at_O2_has_the_bits_of_the_default_compile(runs):
     """`jit_init`'s -O2 compile gives the default -O3 compile's bits: the run's step-0 encoder.
 
-    And the end-of-run evaluation's random-init encoder (`init_variables` of fold_in(seed, 0)
-    alone) is that run's step-0 state, bit for bit.
+    And the end-of-run evaluation's random-init encoder (`evaluate.step0_variables`:
+    `init_variables` of fold_in(seed, 0) alone) is that run's step-0 state, bit for bit.
     """
     config, _, _ = runs
     model, tx, _ = model_and_optimizer(config)
@@ -134,7 +134,8 @@ def test_initialisation_at_O2_has_the_bits_of_the_default_compile(runs):
         key = jax.random.fold_in(jax.random.key(config.seed), 0)
         return train.init_variables(model, key, config.augment.image_size)
 
-    fast, default = jax.device_get(train_state.jit_init(init)()), jax.device_get(jax.jit(init)())
+    fast = jax.device_get(evaluate.step0_variables(config, model))
+    default = jax.device_get(jax.jit(init)())
     state = jax.device_get(train.create_train_state(config, model, tx, parallel.make_mesh()))
     leaves = jax.tree.leaves
     for a, b in zip(leaves(fast), leaves(default), strict=True):
