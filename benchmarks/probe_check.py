@@ -4,7 +4,7 @@
 
 For each finished pretraining workdir (its `config.json` and `export/`), and for both encoders of
 its end-of-run evaluation (the run's step-0 init and the pretrained export), the same centre-crop
-feature banks feed (1) the end-of-run probe (`evaluate.fast_probe` with the run's settings: it
+feature banks feed (1) the end-of-run probe (`probe.probe_on_banks` with the run's settings: it
 reproduces `eval.json`) and (2) scikit-learn's L-BFGS logistic regression on standardised
 features with its L2 strength C chosen by stratified k-fold cross-validation on the train split
 alone (the test split only scores the chosen C). A baseline well above the probe would mean the
@@ -58,7 +58,7 @@ def check_run(workdir: str, cs: list[float], folds: int) -> list[dict[str, objec
     """The table rows of one workdir: random init and pretrained."""
     import ml_collections
 
-    from simclr_jax import checkpoint, data, evaluate, parallel, train
+    from simclr_jax import checkpoint, data, evaluate, parallel, probe, train
 
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
@@ -80,7 +80,9 @@ def check_run(workdir: str, cs: list[float], folds: int) -> list[dict[str, objec
             source, info.num_classes, config.augment.image_size, mesh
         )
         banks = evaluate.feature_banks(config, clf, clf_vars, mesh)
-        ours = evaluate.fast_probe(config, banks, info.num_classes, mesh)
+        ours = probe.probe_on_banks(
+            config, banks, info.num_classes, evaluate.probe_section(config), mesh
+        )
         base = tuned_logistic_regression(*banks, cs, folds)
         row = {"run": os.path.basename(os.path.normpath(workdir)), "encoder": name}
         row.update(probe=ours["top1"], eval_json=saved.get(name, float("nan")))

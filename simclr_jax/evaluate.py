@@ -52,25 +52,6 @@ def probe_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     return section
 
 
-def fast_probe(
-    config: ml_collections.ConfigDict,
-    banks: list[tuple[jax.Array, jax.Array]],
-    num_classes: int,
-    mesh: Mesh,
-) -> dict[str, float]:
-    """The end-of-run fast linear probe on `feature_banks`, with the run's settings."""
-    section = probe_section(config)
-    return probe.linear_probe(
-        *banks,
-        num_classes,
-        section,
-        mesh,
-        epochs=section.epochs,
-        seed=config.seed,
-        trust_coefficient=config.optim.trust_coefficient,
-    )
-
-
 def step0_variables(config: ml_collections.ConfigDict, model: Any) -> dict[str, Any]:
     """The pretraining run's step-0 variables (its own jitted init of fold_in(seed, 0))."""
     # Compiled as the run compiles it: the same bits (an eager op-by-op init rounds differently).
@@ -105,11 +86,11 @@ def evaluate_encoder(
     """
     model, variables = frozen_encoder(source, num_classes, config.augment.image_size, mesh)
     banks = feature_banks(config, model, variables, mesh)
+    section = probe_section(config)
     if config.eval.linear_mode == "features":
-        lin = fast_probe(config, banks, num_classes, mesh)
+        lin = probe.probe_on_banks(config, banks, num_classes, section, mesh)
     else:
         cap = config.data.eval_max_examples
-        section = probe_section(config)
         run = downstream_run.ClassifierRun("eval", model, variables, section, max_examples=cap)
         lin = downstream_run.run_classifier(config, run, mesh, None, show_progress=False)
     nn = knn.knn_on_banks(

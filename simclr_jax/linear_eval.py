@@ -88,15 +88,7 @@ def _fast_probe(
     variables = jax.device_put(variables, parallel.replicated(mesh))
     banks = [knn.feature_bank(apply_fn, variables, config, mesh, s) for s in ("train", "test")]
     section = config.linear_eval
-    lin = probe.linear_probe(
-        *banks,
-        num_classes,
-        section,
-        mesh,
-        epochs=section.epochs,
-        seed=config.seed,
-        trust_coefficient=config.optim.trust_coefficient,
-    )
+    lin = probe.probe_on_banks(config, banks, num_classes, section, mesh)
     result = {**lin, "epochs": float(section.epochs), "precompute_features": True}
     if section.knn:
         k = knn.knn_on_banks(

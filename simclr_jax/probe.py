@@ -111,3 +111,22 @@ def linear_probe(
     hits1, hits5, count = (int(v) for v in np.asarray(jax.device_get(total_counts)))
     out: dict[str, Any] = {"top1": hits1 / max(count, 1), "top5": hits5 / max(count, 1)}
     return {**out, "num_labels": n_valid, "steps": total, "num_examples": count}
+
+
+def probe_on_banks(
+    config: ml_collections.ConfigDict,
+    banks: list[tuple[jax.Array, jax.Array]],
+    num_classes: int,
+    section: ml_collections.ConfigDict,
+    mesh: Mesh,
+) -> dict[str, float]:
+    """`linear_probe` of (train, test) banks for section.epochs, seeded as the run is."""
+    return linear_probe(
+        *banks,
+        num_classes,
+        section,
+        mesh,
+        epochs=section.epochs,
+        seed=config.seed,
+        trust_coefficient=config.optim.trust_coefficient,
+    )
