@@ -25,7 +25,8 @@ def run(image_size: int, batch_size: int, steps: int, host_size: int = 0) -> dic
     import jax
     import numpy as np
 
-    from simclr_jax import augment, parallel
+    from simclr_jax import augment
+    from simclr_jax.runtime import parallel
 
     cfg = augment.default_augment_config(image_size)
     if image_size <= 64:

@@ -66,7 +66,7 @@ def conv_row(side: int, cin: int, cout: int, stride: int, batch: int, chunk_coun
     import numpy as np
     from jax import lax
 
-    from simclr_jax.models import cpu_conv
+    from simclr_jax.runtime import cpu_conv
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, side, side, cin)).astype(np.float32)
@@ -108,7 +108,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--chunks", default="", help="comma-separated chunk counts for the kernel grad")
     args = p.parse_args()
-    from simclr_jax import platform_flags
+    from simclr_jax.runtime import platform_flags
 
     platform_flags.set_cpu_flags()
     chunk_counts = [int(c) for c in args.chunks.split(",") if c]

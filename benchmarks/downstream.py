@@ -50,7 +50,8 @@ def step(args) -> None:
     import jax
     import numpy as np
 
-    from simclr_jax import downstream, parallel
+    from simclr_jax.evals import classifier as downstream
+    from simclr_jax.runtime import parallel
 
     config = _config(args)
     mesh = parallel.make_mesh()

@@ -187,7 +187,7 @@ def project_batches(
 
 def baseline_batches(folder: str, threads: int, batch_size: int, size: int = 224) -> Iterator[Any]:
     """Plain tf.data: read, decode_and_crop_jpeg of one random crop, resize, batch."""
-    from simclr_jax import datasets
+    from simclr_jax.data import datasets
 
     tf = datasets.import_tf()
     files = tf.io.gfile.glob(os.path.join(folder, "train", "*", "*.jpg"))

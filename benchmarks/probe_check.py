@@ -58,7 +58,11 @@ def check_run(workdir: str, cs: list[float], folds: int) -> list[dict[str, objec
     """The table rows of one workdir: random init and pretrained."""
     import ml_collections
 
-    from simclr_jax import checkpoint, data, evaluate, parallel, probe, train
+    from simclr_jax import checkpoint, data
+    from simclr_jax.evals import end_of_run as evaluate
+    from simclr_jax.evals import probe
+    from simclr_jax.pretrain import train
+    from simclr_jax.runtime import parallel
 
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
@@ -115,7 +119,7 @@ def main() -> None:
         if missing:
             raise SystemExit(f"error: {w} has no {' or '.join(missing)}: not a finished run")
 
-    from simclr_jax import platform_flags
+    from simclr_jax.runtime import platform_flags
 
     platform_flags.set_cpu_flags()
     print(

@@ -41,7 +41,7 @@ def relative_errors(shape: tuple[int, ...], seed: int = 0) -> tuple[float, float
 
 def main() -> None:
     """Sets the CPU flags as simclr_jax.main does, then prints the table."""
-    from simclr_jax import platform_flags
+    from simclr_jax.runtime import platform_flags
 
     platform_flags.set_cpu_flags()
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")

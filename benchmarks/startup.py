@@ -7,7 +7,7 @@ Every row runs in a fresh process with no compilation cache, on `--devices` (vir
 devices for counts above 1), under the flags a run sets (`platform_flags.set_cpu_flags`):
 
 - `init, jax.jit (-O3)`: the train state's initialiser compiled and run as plain `jax.jit` would;
-- `init, jit_init (-O2)`: the same through `train_state.jit_init`, as runs compile it now;
+- `init, jit_init (-O2)`: the same through `runtime_compile.jit_init`, as runs compile it now;
 - `init, eager`: `model.init` op by op, as the end-of-run evaluation drew its random-init encoder;
 - `save, replica-parallel` / `save, one replica`: the first and second checkpoint saves of that
   state (orbax's default on CPU, which slices every replicated array per device, against
@@ -51,12 +51,15 @@ def _config(args: argparse.Namespace):
 
 def child(args: argparse.Namespace) -> dict[str, float]:
     """One row in this process: seconds of each phase."""
-    from simclr_jax import platform_flags
+    from simclr_jax.runtime import platform_flags
 
     platform_flags.set_cpu_flags()
     import jax
 
-    from simclr_jax import checkpoint, data, parallel, train, train_state
+    from simclr_jax import checkpoint, data, models
+    from simclr_jax.pretrain import train
+    from simclr_jax.runtime import compile as runtime_compile
+    from simclr_jax.runtime import parallel
 
     config = _config(args)
     model, tx, _ = train.model_and_optimizer(config, data.dataset_info(config).num_classes, 10)
@@ -64,13 +67,13 @@ def child(args: argparse.Namespace) -> dict[str, float]:
     mesh = parallel.make_mesh()
 
     def init():
-        return train.init_variables(model, jax.random.fold_in(jax.random.key(0), 0), size)
+        return models.init_variables(model, jax.random.fold_in(jax.random.key(0), 0), size)
 
     t = time.perf_counter()
     if args.child == "init_O3":
         jax.block_until_ready(jax.jit(init)())
     elif args.child == "init_O2":
-        jax.block_until_ready(train_state.jit_init(init)())
+        jax.block_until_ready(runtime_compile.jit_init(init)())
     elif args.child == "init_eager":
         dummy = jax.numpy.zeros((2, size, size, 3))
         jax.block_until_ready(model.init(jax.random.key(0), dummy, train=False))

@@ -156,7 +156,7 @@ def jax_step_fn(args):
 def measure(args) -> None:
     """Worker: builds one framework's step, warms it up, prints its per-step times as JSON."""
     if args.worker == "jax":
-        from simclr_jax import platform_flags
+        from simclr_jax.runtime import platform_flags
 
         platform_flags.set_cpu_flags()
         fn = jax_step_fn(args)

@@ -123,8 +123,8 @@ def build(args) -> tuple[Any, Any, Any]:
     import jax
     import numpy as np
 
-    from simclr_jax import parallel, train
-    from simclr_jax.models import cpu_conv
+    from simclr_jax.pretrain import train
+    from simclr_jax.runtime import cpu_conv, parallel
 
     config = load_config(args)
     if getattr(args, "im2col_max_pixels", -1) >= 0:
@@ -277,7 +277,8 @@ def input_wait_share(config, step_fn, state, mesh, steps: int) -> float:
     """Share of a real loop's wall-clock spent getting the next batch from the host pipeline."""
     import jax
 
-    from simclr_jax import data, parallel
+    from simclr_jax import data
+    from simclr_jax.runtime import parallel
 
     it = data.pretrain_iterator(config)
     nxt = parallel.host_to_global(next(it), mesh)
@@ -369,7 +370,7 @@ def main() -> None:
         print_table(rows)
         return
     if args.cpu_flags == "on":
-        from simclr_jax import platform_flags
+        from simclr_jax.runtime import platform_flags
 
         platform_flags.set_cpu_flags()
     if args.compare_im2col:

@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from simclr_jax import parallel
+from simclr_jax.runtime import parallel
 
 log = logging.getLogger(__name__)
 

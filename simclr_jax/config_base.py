@@ -7,7 +7,7 @@ from typing import Any
 import ml_collections
 
 from simclr_jax import methods
-from simclr_jax.config_checks import ConfigError, check
+from simclr_jax.config.checks import ConfigError, check
 
 __all__ = [
     "ConfigError",

@@ -1,6 +1,6 @@
 """The one command line: `python -m simclr_jax.main --config=configs/X.py --workdir=DIR`."""
 
-from simclr_jax import platform_flags
+from simclr_jax.runtime import platform_flags
 
 platform_flags.set_cpu_flags()  # before JAX initialises its backend
 
@@ -201,7 +201,9 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from simclr_jax import checkpoint, data, parallel, run_modes
+    from simclr_jax import checkpoint, data
+    from simclr_jax import modes as run_modes
+    from simclr_jax.runtime import parallel
 
     try:
         run_modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)

@@ -5,7 +5,7 @@ import os
 import shutil
 import tempfile
 
-from simclr_jax.platform_flags import CPU_FLAGS  # imports no JAX
+from simclr_jax.runtime.platform_flags import CPU_FLAGS  # imports no JAX
 
 # The CPU flags of every run (simclr_jax.main sets them), so the tests check the numbers users get.
 os.environ["XLA_FLAGS"] = " ".join(

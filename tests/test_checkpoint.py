@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from tiny import loop_config, model_and_optimizer, tiny_config
 
-from simclr_jax import checkpoint, config_base, parallel, train
+from simclr_jax import checkpoint, config_base
+from simclr_jax.pretrain import train
+from simclr_jax.runtime import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

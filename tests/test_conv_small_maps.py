@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from simclr_jax.models import cpu_conv
+from simclr_jax.runtime import cpu_conv
 from tests.tolerances import assert_trees_close
 
 resnet = importlib.import_module("simclr_jax.models.resnet")  # the package re-exports a function

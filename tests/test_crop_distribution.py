@@ -16,7 +16,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from simclr_jax import augment, data, streams
+from simclr_jax import augment, data
+from simclr_jax.data import streams
 
 AREA = (0.08, 1.0)
 ASPECT = (3 / 4, 4 / 3)

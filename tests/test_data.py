@@ -13,7 +13,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from simclr_jax import data, datasets, decode, streams
+from simclr_jax import data
+from simclr_jax.data import datasets, decode, streams
 
 
 def make_config(

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from tiny import init, tiny_config
 
-from simclr_jax import checkpoint, data, datasets, finetune, labelled_data, linear_eval, models
+from simclr_jax import checkpoint, data, models
+from simclr_jax.data import datasets
+from simclr_jax.data import labelled as labelled_data
+from simclr_jax.evals import finetune, linear_eval
 
 # The first names of google-research/simclr imagenet_subsets/1percent.txt (12,811 lines).
 OFFICIAL_1PCT_HEAD = ["n04235860_14959.JPEG", "n04239074_7724.JPEG", "n02096294_8485.JPEG"]

@@ -8,7 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from simclr_jax import checkpoint, export_torch, models
+from simclr_jax import checkpoint, models
+from simclr_jax.interop import export_torch
 from simclr_jax.models.resnet import RESNET_LAYOUTS
 
 
@@ -232,7 +233,7 @@ def test_wrong_depth_in_export_json_names_the_problem():
 
 
 def test_export_torch_mode_uses_the_workdir_export_or_init_from(tmp_path):
-    from simclr_jax import run_modes
+    from simclr_jax import modes as run_modes
 
     torch_modules()
     mc = model_config(18, "cifar", 4)

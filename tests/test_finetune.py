@@ -12,15 +12,12 @@ import numpy as np
 import pytest
 from tiny import tiny_config
 
-from simclr_jax import (
-    checkpoint,
-    downstream,
-    finetune,
-    labelled_data,
-    linear_eval,
-    run_modes,
-    train,
-)
+from simclr_jax import checkpoint
+from simclr_jax import modes as run_modes
+from simclr_jax.data import labelled as labelled_data
+from simclr_jax.evals import classifier as downstream
+from simclr_jax.evals import finetune, linear_eval
+from simclr_jax.pretrain import train
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,9 @@ import pytest
 import simclr_tf_reference as ref
 from tiny import tiny_config
 
-from simclr_jax import checkpoint, export_torch, models, run_modes
+from simclr_jax import checkpoint, models
+from simclr_jax import modes as run_modes
+from simclr_jax.interop import export_torch
 
 IMAGES = np.random.default_rng(0).uniform(0, 1, (2, 28, 28, 3)).astype(np.float32)
 ARCHS = {"r50_sk": (50, 0.0625), "r50": (50, 0.0), "r18_sk": (18, 0.0625), "r18": (18, 0.0)}

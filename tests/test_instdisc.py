@@ -10,8 +10,11 @@ from jax.sharding import PartitionSpec as P
 from tiny import load_config, model_and_optimizer, tiny_config
 from tolerances import EPS32, assert_trees_close, fp32_rtol
 
-from simclr_jax import checkpoint, config_base, data, datasets, losses, parallel, train
+from simclr_jax import checkpoint, config_base, data, losses
+from simclr_jax.data import datasets
 from simclr_jax.methods import instdisc
+from simclr_jax.pretrain import train
+from simclr_jax.runtime import parallel
 
 STEPS = 30
 BATCH = 128  # 11 steps an epoch: by step 30 every example has met its updated bank row

@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 from tiny import tiny_config
 
-from simclr_jax import data, knn, labelled_data, parallel
+from simclr_jax import data
+from simclr_jax.data import labelled as labelled_data
+from simclr_jax.evals import knn
+from simclr_jax.runtime import parallel
 
 
 def _numpy_knn_votes(bank, labels, queries, k, temperature, num_classes):

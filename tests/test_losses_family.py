@@ -277,8 +277,8 @@ def test_pair_losses_sharded_equal_unsharded_with_grads():
 
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_train_sharded_loss_honours_the_decoupled_switch(decoupled):
-    from simclr_jax import parallel
     from simclr_jax.methods import simclr
+    from simclr_jax.runtime import parallel
 
     mesh = parallel.make_mesh()
     z1, z2 = _views(n=32, d=16, seed=21)

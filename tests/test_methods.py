@@ -7,17 +7,11 @@ import pytest
 from tiny import model_and_optimizer, tiny_config
 from tolerances import assert_trees_close, fp32_rtol
 
-from simclr_jax import (
-    checkpoint,
-    config_base,
-    data,
-    downstream,
-    losses,
-    methods,
-    parallel,
-    train,
-)
+from simclr_jax import checkpoint, config_base, data, losses, methods
+from simclr_jax.evals import classifier as downstream
 from simclr_jax.methods import base, byol
+from simclr_jax.pretrain import train
+from simclr_jax.runtime import parallel
 
 STEPS = {"byol": 4, "simsiam": 40}  # SimSiam's run is long enough to show (non-)collapse
 VIEW_PIXELS = 2 * 32 * 8 * 8  # 2 views x batch 32 x 8 x 8 px: the step's longest reduction

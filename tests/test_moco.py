@@ -11,9 +11,11 @@ import pytest
 from tiny import load_config, model_and_optimizer, tiny_config
 from tolerances import fp32_atol
 
-from simclr_jax import checkpoint, config_base, data, losses, parallel, train
+from simclr_jax import checkpoint, config_base, data, losses
 from simclr_jax.methods import moco
-from simclr_jax.train_state import make_views, step_key
+from simclr_jax.methods.state import make_views, step_key
+from simclr_jax.pretrain import train
+from simclr_jax.runtime import parallel
 
 MOMENTUM = 0.99  # far enough from 1 that the EMA visibly moves the key encoder
 STEPS = 4

@@ -7,7 +7,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import monitors, parallel
+from simclr_jax import monitors
+from simclr_jax.runtime import parallel
 
 
 def _orthonormal(n: int, d: int, seed: int = 0) -> jnp.ndarray:

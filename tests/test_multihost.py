@@ -21,7 +21,8 @@ import pytest
 from tiny import tiny_config
 from tolerances import fp32_rtol
 
-from simclr_jax import checkpoint, data, parallel
+from simclr_jax import checkpoint, data
+from simclr_jax.runtime import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, "launch", "local_multiprocess.sh")

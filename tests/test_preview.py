@@ -6,7 +6,7 @@ import numpy as np
 from matplotlib import image as mpimg
 
 from configs import digits
-from simclr_jax import preview
+from simclr_jax.outputs import preview
 
 
 def small_config():
@@ -63,7 +63,7 @@ def test_views_are_seeded_and_use_the_config():
 
 
 def test_preview_augment_mode(tmp_path):
-    from simclr_jax import run_modes
+    from simclr_jax import modes as run_modes
 
     path = run_modes.run("preview_augment", small_config(), str(tmp_path), False)
     cell = 8 * preview.cell_scale(8)

@@ -9,7 +9,8 @@ import pytest
 import tiny
 from matplotlib import image as mpimg
 
-from simclr_jax import report, train
+from simclr_jax.outputs import report
+from simclr_jax.pretrain import train
 
 
 def tiny_config(**overrides):
@@ -121,7 +122,7 @@ def test_eval_table(tmp_path):
 
 
 def test_report_mode(tmp_path):
-    from simclr_jax import run_modes
+    from simclr_jax import modes as run_modes
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 6.0}\n')
     index = run_modes.run("report", tiny_config(), str(tmp_path), False)

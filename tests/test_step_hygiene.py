@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from tiny import loop_config, tiny_config
 
-from simclr_jax import checkpoint, train
+from simclr_jax import checkpoint
+from simclr_jax.pretrain import train
 
 
 def _compiles_of_train_step(records) -> int:

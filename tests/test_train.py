@@ -9,7 +9,10 @@ import pytest
 from tiny import loop_config, model_and_optimizer, tiny_config
 from tolerances import assert_trees_close, fp32_rtol
 
-from simclr_jax import config_base, data, evaluate, parallel, train
+from simclr_jax import config_base, data, models
+from simclr_jax.evals import end_of_run as evaluate
+from simclr_jax.pretrain import train
+from simclr_jax.runtime import parallel
 
 
 def _step_fn(config, mesh):
@@ -132,7 +135,7 @@ def test_initialisation_at_O2_has_the_bits_of_the_default_compile(runs):
 
     def init():
         key = jax.random.fold_in(jax.random.key(config.seed), 0)
-        return train.init_variables(model, key, config.augment.image_size)
+        return models.init_variables(model, key, config.augment.image_size)
 
     fast = jax.device_get(evaluate.step0_variables(config, model))
     default = jax.device_get(jax.jit(init)())

@@ -2,7 +2,9 @@
 
 import os
 
-from simclr_jax import config_base, data, train, train_state
+from simclr_jax import config_base, data
+from simclr_jax.pretrain import train
+from simclr_jax.runtime import compile as runtime_compile
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -49,12 +51,12 @@ def loop_config(total_steps: int = 12, eval_at_end: bool = False):
 
 
 def init(model, *args, **kwargs):
-    """`model.init(*args, **kwargs)` compiled as runs compile it (`train_state.jit_init`).
+    """`model.init(*args, **kwargs)` compiled as runs compile it (`runtime_compile.jit_init`).
 
     Eager `init` compiles every op on its own at XLA's default -O3: ~20 s for a tiny ResNet,
     against ~2 s in one -O2 program (with the same bits as the -O3 program).
     """
-    return train_state.jit_init(lambda: model.init(*args, **kwargs))()
+    return runtime_compile.jit_init(lambda: model.init(*args, **kwargs))()
 
 
 def model_and_optimizer(config, steps_per_epoch: int | None = None):

@@ -5,7 +5,7 @@ A method is one module in `simclr_jax/methods/` that builds a `Method` and passe
 
 - `config_defaults()`: the method's own config section `config.<name>` (None: no section);
 - `validate(config)`: raises `ConfigError` for a bad value of its keys;
-- `build_model(config, num_classes)`: the trained network (default: encoder + projection head
+- `build_model(config, num_classes, conv)`: the trained network (default: encoder + projection head
   + online linear head; BYOL and SimSiam add a predictor);
 - `init_state(config, variables, key, num_train_examples)`: its extra state (EMA target,
   queue, bank) as a pytree, or None; it lives in `TrainState.method_state`, so it is
@@ -31,8 +31,8 @@ import ml_collections
 import optax
 
 from simclr_jax import models, monitors
-from simclr_jax.config_checks import ConfigError
-from simclr_jax.train_state import TrainState
+from simclr_jax.config.checks import ConfigError
+from simclr_jax.methods.state import TrainState
 
 StepFn = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
 
@@ -60,7 +60,8 @@ class Method:
     summary: str  # one line for docs and error messages
     config_defaults: Callable[[], ml_collections.ConfigDict] | None = None
     validate: Callable[[Any], None] = no_validation
-    build_model: Callable[[Any, int], Any] = models.create_model
+    # (config, num_classes, conv): `conv` is the backend's conv primitive (models.create_encoder).
+    build_model: Callable[..., Any] = models.create_model
     init_state: Callable[[Any, Any, jax.Array, int], Any] = no_extra_state
     resolve: Callable[[Any, int, int], list[str]] = nothing_to_resolve
     # Shardings of `method_state` (a pytree of NamedShardings for `state_sharding(mesh,

@@ -17,9 +17,9 @@ import optax
 from jax.sharding import Mesh
 
 from simclr_jax import losses, models
-from simclr_jax.config_checks import check
+from simclr_jax.config.checks import check
 from simclr_jax.methods import base
-from simclr_jax.train_state import TrainState, make_views, online_linear_metrics, step_key
+from simclr_jax.methods.state import TrainState, make_views, online_linear_metrics, step_key
 
 
 def config_defaults() -> ml_collections.ConfigDict:
@@ -61,14 +61,16 @@ def resolve(c: ml_collections.ConfigDict, total_steps: int, num_train_examples: 
     return lines
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.SimCLRModel:
+def build_model(
+    config: ml_collections.ConfigDict, num_classes: int, conv: Any = None
+) -> models.SimCLRModel:
     """The online network: encoder + projection head + predictor (to the projection's size)."""
     predictor = models.Predictor(
         hidden_dim=config.byol.predictor_hidden_dim,
         out_dim=config.model.head_out_dim,
         dtype=models.compute_dtype(config.model.dtype),
     )
-    return models.create_model(config, num_classes, predictor=predictor)
+    return models.create_model(config, num_classes, predictor=predictor, conv=conv)
 
 
 def init_state(config: Any, variables: dict[str, Any], key: jax.Array, n: int) -> dict[str, Any]:

@@ -33,10 +33,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import data, losses, parallel
-from simclr_jax.config_checks import check
+from simclr_jax import data, losses
+from simclr_jax.config.checks import check
 from simclr_jax.methods import base
-from simclr_jax.train_state import TrainState, make_views, online_linear_metrics, step_key
+from simclr_jax.methods.state import TrainState, make_views, online_linear_metrics, step_key
+from simclr_jax.runtime import parallel
 
 log = logging.getLogger(__name__)
 

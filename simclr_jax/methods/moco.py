@@ -27,10 +27,11 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import data, losses, models, parallel
-from simclr_jax.config_checks import check
+from simclr_jax import data, losses, models
+from simclr_jax.config.checks import check
 from simclr_jax.methods import base
-from simclr_jax.train_state import TrainState, make_views, online_linear_metrics, step_key
+from simclr_jax.methods.state import TrainState, make_views, online_linear_metrics, step_key
+from simclr_jax.runtime import parallel
 
 log = logging.getLogger(__name__)
 _capped_warned: set[tuple[int, int]] = set()  # warn once per setting, not per state build

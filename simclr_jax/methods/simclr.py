@@ -15,9 +15,10 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import losses, parallel
+from simclr_jax import losses
 from simclr_jax.methods import base
-from simclr_jax.train_state import TrainState, make_views, online_linear_metrics, step_key
+from simclr_jax.methods.state import TrainState, make_views, online_linear_metrics, step_key
+from simclr_jax.runtime import parallel
 
 
 def sharded_nt_xent(

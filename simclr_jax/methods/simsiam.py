@@ -17,9 +17,9 @@ import optax
 from jax.sharding import Mesh
 
 from simclr_jax import losses, models
-from simclr_jax.config_checks import check
+from simclr_jax.config.checks import check
 from simclr_jax.methods import base
-from simclr_jax.train_state import TrainState, make_views, online_linear_metrics, step_key
+from simclr_jax.methods.state import TrainState, make_views, online_linear_metrics, step_key
 
 
 def config_defaults() -> ml_collections.ConfigDict:
@@ -52,7 +52,9 @@ def resolve(c: ml_collections.ConfigDict, total_steps: int, num_train_examples: 
     ]
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.SimCLRModel:
+def build_model(
+    config: ml_collections.ConfigDict, num_classes: int, conv: Any = None
+) -> models.SimCLRModel:
     """Encoder + projection head (its output BN without scale or shift) + the predictor."""
     predictor = models.Predictor(
         hidden_dim=config.simsiam.predictor_hidden_dim,
@@ -62,7 +64,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.S
     # The paper's projector ends in an affine-free BN. A learned scale there lets SGD shrink
     # whole output dimensions to 0: on digits seed 1 partly collapsed with it (kNN 0.658;
     # 0.839 without; docs/methods.md).
-    return models.create_model(config, num_classes, predictor=predictor, head_out_scale=False)
+    return models.create_model(
+        config, num_classes, predictor=predictor, head_out_scale=False, conv=conv
+    )
 
 
 def train_step(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from simclr_jax.models.heads import LinearHead, Predictor, ProjectionHead
@@ -29,6 +31,7 @@ __all__ = [
     "create_head",
     "create_model",
     "feature_dim",
+    "init_variables",
     "resnet",
 ]
 
@@ -72,19 +75,23 @@ def compute_dtype(name: str) -> Any:
     return DTYPES[name]
 
 
-def create_encoder(model_config: Any, bn_axis_name: str | None = None) -> ResNet:
-    """Builds the ResNet encoder described by `config.model`."""
+def create_encoder(model_config: Any, conv: Callable[..., Any] | None = None) -> ResNet:
+    """Builds the ResNet encoder described by `config.model`.
+
+    `conv`: the convolution primitive (None: `lax.conv_general_dilated`); a run passes its
+    backend's (`runtime.cpu_conv.for_backend()`), the architecture and params are the same.
+    """
     return resnet(
         model_config.depth,
         width_multiplier=model_config.width_multiplier,
         stem=model_config.stem,
         base_width=model_config.base_width,
         zero_init_last_bn=model_config.zero_init_last_bn,
-        bn_axis_name=bn_axis_name,
         dtype=compute_dtype(model_config.dtype),
         # Exports written before these keys existed are plain torchvision-layout ResNets.
         sk_ratio=float(model_config.get("sk_ratio", 0.0)),
         compat=model_config.get("compat", "torchvision"),
+        conv_general_dilated=conv,
     )
 
 
@@ -92,7 +99,6 @@ def create_head(
     model_config: Any,
     out_scale: bool = True,
     num_used: int | None = None,
-    bn_axis_name: str | None = None,
 ) -> ProjectionHead:
     """The projection head `model_config` describes (its first `num_used` layers, or all)."""
     return ProjectionHead(
@@ -102,7 +108,6 @@ def create_head(
         out_dim=model_config.head_out_dim,
         use_bn=model_config.head_bn,
         out_scale=out_scale,
-        bn_axis_name=bn_axis_name,
         dtype=compute_dtype(model_config.dtype),
     )
 
@@ -110,9 +115,9 @@ def create_head(
 def create_model(
     config: Any,
     num_classes: int,
-    bn_axis_name: str | None = None,
     predictor: Predictor | None = None,
     head_out_scale: bool = True,
+    conv: Callable[..., Any] | None = None,
 ) -> SimCLRModel:
     """Builds the SimCLR model from a run config's `config.model`, with an optional predictor.
 
@@ -122,8 +127,14 @@ def create_model(
     if m.head_layers < 1:
         raise ValueError(f"model.head_layers={m.head_layers!r} must be >= 1 (2: SimCLRv1, 3: v2)")
     return SimCLRModel(
-        encoder=create_encoder(m, bn_axis_name),
-        head=create_head(m, head_out_scale, bn_axis_name=bn_axis_name),
+        encoder=create_encoder(m, conv),
+        head=create_head(m, head_out_scale),
         num_classes=num_classes,
         predictor=predictor,
     )
+
+
+def init_variables(model: Any, key: jax.Array, image_size: int) -> dict[str, Any]:
+    """Initialises model variables from a dummy batch of the training image size."""
+    dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+    return model.init(key, dummy, train=False)

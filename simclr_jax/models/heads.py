@@ -25,7 +25,6 @@ class ProjectionHead(nn.Module):
     out_dim: int = 128
     use_bn: bool = True
     out_scale: bool = True
-    bn_axis_name: str | None = None
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -50,7 +49,6 @@ class ProjectionHead(nn.Module):
                     use_bias=not last,
                     use_scale=self.out_scale or not last,
                     dtype=self.dtype,
-                    axis_name=self.bn_axis_name,
                     name=f"bn{i + 1}",
                 )(x)
             if not last:
@@ -75,7 +73,6 @@ class Predictor(nn.Module):
 
     hidden_dim: int = 4096
     out_dim: int = 256
-    bn_axis_name: str | None = None
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -86,7 +83,6 @@ class Predictor(nn.Module):
             momentum=BN_MOMENTUM,
             epsilon=BN_EPSILON,
             dtype=self.dtype,
-            axis_name=self.bn_axis_name,
             name="bn1",
         )(x)
         x = nn.Dense(self.out_dim, dtype=self.dtype, name="dense2")(nn.relu(x))

@@ -4,14 +4,12 @@ selective-kernel ResNets (`sk_ratio > 0`, with the ResNet-D stem and shortcuts).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from simclr_jax.models.cpu_conv import conv_general_dilated
 
 # SimCLR's TF code uses decay 0.9 and epsilon 1e-5; torchvision's eps is also 1e-5, so an
 # exported encoder computes the same numbers in PyTorch.
@@ -45,6 +43,7 @@ def _conv(
     *,
     name: str,
     dtype: Any = jnp.float32,
+    conv_general_dilated: Callable[..., jnp.ndarray] | None = None,
 ) -> nn.Conv:
     """Bias-free conv with symmetric k//2 padding.
 
@@ -60,7 +59,7 @@ def _conv(
         use_bias=False,
         dtype=dtype,
         kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-        conv_general_dilated=conv_general_dilated,
+        conv_general_dilated=conv_general_dilated or jax.lax.conv_general_dilated,
         name=name,
     )
 
@@ -189,7 +188,7 @@ class ResNet(nn.Module):
 
     BatchNorm normalises over the batch axis of its input. Under `jax.jit` on a batch sharded
     over a mesh that batch is the global one, so the statistics are global (SimCLR's global
-    BN); inside `shard_map`/`pmap` pass `bn_axis_name` to reduce across devices explicitly.
+    BN), with no axis names to thread through the model.
     """
 
     stage_sizes: Sequence[int]
@@ -198,21 +197,24 @@ class ResNet(nn.Module):
     base_width: int = 64
     stem: str = "imagenet"
     zero_init_last_bn: bool = False
-    bn_axis_name: str | None = None
     dtype: Any = jnp.float32
     sk_ratio: float = 0.0
     compat: str = "torchvision"
+    # The convolution primitive for every conv (None: `lax.conv_general_dilated`). The runtime
+    # picks a backend's faster formulation of the same sums (`runtime.cpu_conv` on CPU).
+    conv_general_dilated: Callable[..., jnp.ndarray] | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
-        conv = functools.partial(_conv, dtype=self.dtype)
+        conv = functools.partial(
+            _conv, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated
+        )
         norm = functools.partial(
             nn.BatchNorm,
             use_running_average=not train,
             momentum=BN_MOMENTUM,
             epsilon=BN_EPSILON,
             dtype=self.dtype,
-            axis_name=self.bn_axis_name,
         )
         width = self.base_width * self.width_multiplier
         x = x.astype(self.dtype)

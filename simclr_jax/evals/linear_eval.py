@@ -15,7 +15,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from simclr_jax import config_base, data, downstream, downstream_run, knn, parallel, probe
+from simclr_jax import config_base, data
+from simclr_jax.evals import classifier as downstream
+from simclr_jax.evals import classifier_run as downstream_run
+from simclr_jax.evals import knn, probe
+from simclr_jax.runtime import parallel
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,8 @@ def linear_eval(
     if config.init_from:
         source = downstream.load_source(config, "linear_eval")
     else:
-        from simclr_jax import checkpoint, train
+        from simclr_jax import checkpoint
+        from simclr_jax.pretrain import train
 
         if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
             downstream.load_source(config, "linear_eval", " or a --workdir with checkpoints/")

@@ -16,8 +16,13 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from simclr_jax import data, downstream, downstream_run, knn, parallel, probe
-from simclr_jax.train_state import init_variables, jit_init
+from simclr_jax import data
+from simclr_jax.evals import classifier as downstream
+from simclr_jax.evals import classifier_run as downstream_run
+from simclr_jax.evals import knn, probe
+from simclr_jax.models import init_variables
+from simclr_jax.runtime import parallel
+from simclr_jax.runtime.compile import jit_init
 
 log = logging.getLogger(__name__)
 

@@ -13,14 +13,14 @@ log = logging.getLogger(__name__)
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> Any:
     """SimCLR pretraining with automatic resume, export and end-of-run evaluation."""
-    from simclr_jax import train
+    from simclr_jax.pretrain import train
 
     return train.train_and_evaluate(config, workdir, allow_config_change)
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> str:
     """Writes `workdir/export/` from the workdir's latest checkpoint."""
-    from simclr_jax import train
+    from simclr_jax.pretrain import train
 
     state, _ = train.restore_for_inference(config, workdir)
     path = train.export_run(config, state, workdir)
@@ -30,7 +30,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
 
 def linear_eval(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> Any:
     """SimCLR linear evaluation + kNN of an export (`init_from`) or of the workdir checkpoint."""
-    from simclr_jax import linear_eval as job
+    from simclr_jax.evals import linear_eval as job
 
     return job.linear_eval(config, workdir, allow_config_change)
 
@@ -39,7 +39,7 @@ def finetune_mode(
     config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
 ) -> Any:
     """Fine-tunes an exported encoder (`init_from`) on all labels, a fraction or a subset."""
-    from simclr_jax import finetune
+    from simclr_jax.evals import finetune
 
     return finetune.finetune(config, workdir, allow_config_change)
 
@@ -48,7 +48,8 @@ def export_torch_mode(
     config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
 ) -> dict[str, str]:
     """Converts an export (`init_from`, else `workdir/export`) to torchvision safetensors."""
-    from simclr_jax import checkpoint, export_torch
+    from simclr_jax import checkpoint
+    from simclr_jax.interop import export_torch
 
     source = config.init_from or checkpoint.export_dir(workdir)
     # Beside a run's own export (workdir/export_torch); for an init_from export, in the workdir.
@@ -62,7 +63,7 @@ def import_official_mode(
     config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
 ) -> str:
     """Writes `workdir/export/` from an official google-research/simclr TF checkpoint."""
-    from simclr_jax import official_import
+    from simclr_jax.interop import official_import
 
     path = official_import.import_official(config, workdir)
     print(f"imported {config.init_from} into {path}")
@@ -71,7 +72,7 @@ def import_official_mode(
 
 def report_mode(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> str:
     """Writes `workdir/report/` (plots, evaluation table, index.html) from the run's files."""
-    from simclr_jax import report
+    from simclr_jax.outputs import report
 
     path = report.write_report(workdir)
     print(f"wrote the report to {path}")
@@ -82,7 +83,7 @@ def preview_augment_mode(
     config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
 ) -> str:
     """Writes `workdir/report/augment.png`: source images and SimCLR views under `config`."""
-    from simclr_jax import preview
+    from simclr_jax.outputs import preview
 
     path = preview.preview_augment(config, workdir, seed=config.seed)
     print(f"wrote the augmentation preview to {path}")

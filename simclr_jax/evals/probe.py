@@ -18,7 +18,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from simclr_jax import downstream, loop
+from simclr_jax.evals import classifier as downstream
+from simclr_jax.runtime import loop
 
 
 def linear_probe(

@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from simclr_jax import config_base, parallel
+from simclr_jax import config_base
+from simclr_jax.runtime import parallel
 
 log = logging.getLogger(__name__)
 

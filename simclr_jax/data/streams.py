@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from simclr_jax.datasets import Batch, import_tf
+from simclr_jax.data.datasets import Batch, import_tf
 
 if TYPE_CHECKING:
     import ml_collections

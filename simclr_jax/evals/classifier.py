@@ -26,7 +26,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from simclr_jax import augment, checkpoint, labelled_data, loop, models, optim, parallel
+from simclr_jax import augment, checkpoint, models, optim
+from simclr_jax.data import labelled as labelled_data
+from simclr_jax.runtime import cpu_conv, loop, parallel
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,9 @@ def build_classifier(
         # Exports before 2026-12-02 have no head_out_scale: their heads all had the scale.
         out_scale = model_config.get("head_out_scale", True)
         head = models.create_head(model_config, out_scale, num_used=from_head_layer)
-    return Classifier(models.create_encoder(model_config), head, num_classes, freeze)
+    return Classifier(
+        models.create_encoder(model_config, conv=cpu_conv.for_backend()), head, num_classes, freeze
+    )
 
 
 def initial_variables(model: Classifier, source: Source, image_size: int) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from simclr_jax.datasets import import_tf
+from simclr_jax.data.datasets import import_tf
 
 # The host's random resized crop: SimCLR's ranges, sampled by TF's algorithm on the original image.
 CROP_AREA_RANGE = (0.08, 1.0)

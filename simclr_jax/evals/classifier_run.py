@@ -23,8 +23,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from simclr_jax import checkpoint, config_base, labelled_data, loop, parallel
-from simclr_jax.downstream import (
+from simclr_jax import checkpoint, config_base
+from simclr_jax.data import labelled as labelled_data
+from simclr_jax.evals.classifier import (
     Classifier,
     ClassifierState,
     classifier_train_step,
@@ -33,7 +34,8 @@ from simclr_jax.downstream import (
     make_optimizer,
     train_augment_config,
 )
-from simclr_jax.metric_writer import MetricWriter
+from simclr_jax.runtime import loop, parallel
+from simclr_jax.runtime.metric_writer import MetricWriter
 
 log = logging.getLogger(__name__)
 

@@ -20,25 +20,19 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from simclr_jax import (
-    checkpoint,
-    config_base,
-    data,
-    loop,
-    methods,
-    monitors,
-    optim,
-    parallel,
-)
-from simclr_jax.metric_writer import MetricWriter
-from simclr_jax.train_state import TrainState, init_variables, jit_init
+from simclr_jax import checkpoint, config_base, data, methods, monitors, optim
+from simclr_jax.methods.state import TrainState
+from simclr_jax.models import init_variables
+from simclr_jax.runtime import cpu_conv, loop, parallel
+from simclr_jax.runtime.compile import jit_init
+from simclr_jax.runtime.metric_writer import MetricWriter
 
 log = logging.getLogger(__name__)
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
     """The network `config.method` trains (encoder + projection head + its extras)."""
-    return methods.get(config.method).build_model(config, num_classes)
+    return methods.get(config.method).build_model(config, num_classes, conv=cpu_conv.for_backend())
 
 
 def model_and_optimizer(
@@ -288,11 +282,11 @@ def train_and_evaluate(
     export_run(config, state, workdir)
     results = None
     if config.eval.at_end:
-        from simclr_jax import evaluate
+        from simclr_jax.evals import end_of_run as evaluate
 
         results = evaluate.evaluate_run(config, model, state, mesh, workdir)
     if jax.process_index() == 0:
-        from simclr_jax import report
+        from simclr_jax.outputs import report
 
         print(f"run report: {report.write_report(workdir)}", flush=True)
     return {"state": state, "eval": results, "preempted": False}

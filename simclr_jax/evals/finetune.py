@@ -19,7 +19,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from simclr_jax import config_base, data, downstream, downstream_run, labelled_data, parallel
+from simclr_jax import config_base, data
+from simclr_jax.data import labelled as labelled_data
+from simclr_jax.evals import classifier as downstream
+from simclr_jax.evals import classifier_run as downstream_run
+from simclr_jax.runtime import parallel
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from simclr_jax.checkpoint import CheckpointError
-from simclr_jax.official_layout import (
+from simclr_jax.interop.official_layout import (
     BN_NAMES,
     Entry,
     arch_candidates_tf1,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -24,26 +23,6 @@ class TrainState(flax.struct.PyTreeNode):
     rng: jax.Array  # root PRNG key (raw uint32 data); step keys are fold_in(rng, step)
     # The method's extra state (a dict: EMA target, queue, bank), None when it has none.
     method_state: Any = None
-
-
-# XLA:CPU compiles a ResNet's initialisation (one threefry draw and truncated-normal transform per
-# kernel) in 11-14 s at its default LLVM -O3 and in 2-3 s at -O2, with the same bits: the draws are
-# integer arithmetic and the transforms elementwise, so only the loop scheduling changes (-O0
-# rounds differently). tests/test_train.py checks the bits on the tiny model.
-CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2}
-
-
-def jit_init(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
-    """`jax.jit(fn, **jit_kwargs)` for initialisers: compiled at -O2 on CPU (same bits, faster)."""
-    if jax.default_backend() == "cpu":
-        jit_kwargs = {"compiler_options": CPU_INIT_COMPILER_OPTIONS, **jit_kwargs}
-    return jax.jit(fn, **jit_kwargs)
-
-
-def init_variables(model: Any, key: jax.Array, image_size: int) -> dict[str, Any]:
-    """Initialises model variables from a dummy batch of the training image size."""
-    dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
-    return model.init(key, dummy, train=False)
 
 
 def step_key(state: TrainState) -> jax.Array:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from simclr_jax.datasets import (  # noqa: F401  (re-exported: data.dataset_info etc.)
+from simclr_jax.data.datasets import (  # noqa: F401  (re-exported: data.dataset_info etc.)
     DATASETS,
     EVAL_CROP_FRACTION,
     IN_MEMORY_DATASETS,
@@ -46,14 +46,14 @@ from simclr_jax.datasets import (  # noqa: F401  (re-exported: data.dataset_info
     tfds_builder,
     tfds_num_examples,
 )
-from simclr_jax.decode import (  # noqa: F401  (re-exported)
+from simclr_jax.data.decode import (  # noqa: F401  (re-exported)
     crop_windows,
     decode_centre,
     decode_union_resized,
     decode_views,
     sample_crop_windows,
 )
-from simclr_jax.streams import Prefetcher, host_seed, memory_batches, tf_options
+from simclr_jax.data.streams import Prefetcher, host_seed, memory_batches, tf_options
 
 if TYPE_CHECKING:
     import ml_collections

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from simclr_jax.datasets import (
+from simclr_jax.data.datasets import (
     EVAL_CROP_FRACTION,
     IN_MEMORY_DATASETS,
     OFFICIAL_SUBSETS,
@@ -32,8 +32,8 @@ from simclr_jax.datasets import (
     tfds_builder,
     tfds_num_examples,
 )
-from simclr_jax.decode import decode_centre
-from simclr_jax.streams import Prefetcher, host_seed, memory_batches, tf_options
+from simclr_jax.data.decode import decode_centre
+from simclr_jax.data.streams import Prefetcher, host_seed, memory_batches, tf_options
 
 if TYPE_CHECKING:
     import ml_collections

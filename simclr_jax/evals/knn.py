@@ -19,7 +19,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import labelled_data, loop, parallel
+from simclr_jax.data import labelled as labelled_data
+from simclr_jax.runtime import loop, parallel
 
 
 def _normalize(x: jax.Array) -> jax.Array:

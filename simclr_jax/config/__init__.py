@@ -1,0 +1,1 @@
+"""The run config: its checks, the shared schema and the resume check (shared layer)."""

@@ -1,0 +1,1 @@
+"""Other formats: official google-research/simclr TF checkpoints in, torchvision out."""

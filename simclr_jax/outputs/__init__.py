@@ -1,0 +1,1 @@
+"""What a person looks at: the run report and the augmentation preview."""
