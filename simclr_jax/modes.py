@@ -11,11 +11,35 @@ import ml_collections
 log = logging.getLogger(__name__)
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> Any:
-    """SimCLR pretraining with automatic resume, export and end-of-run evaluation."""
+def pretrain(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False
+) -> dict[str, Any]:
+    """Pretraining (resumed if `workdir` has checkpoints), then export, evaluation and report.
+
+    Returns `{'state', 'eval', 'preempted'}`; after a preemption notice only the state.
+    """
+    import jax
+
+    from simclr_jax import monitors
     from simclr_jax.pretrain import train
 
-    return train.train_and_evaluate(config, workdir, allow_config_change)
+    out = train.train(config, workdir, allow_config_change)
+    if out.preempted:
+        return {"state": out.state, "eval": None, "preempted": True}
+    is_main = jax.process_index() == 0
+    if is_main and out.last_monitors is not None:
+        print(monitors.format_monitors(*out.last_monitors), flush=True)
+    train.export_run(config, out.state, workdir)
+    results = None
+    if config.eval.at_end:
+        from simclr_jax.evals import end_of_run
+
+        results = end_of_run.evaluate_run(config, out.model, out.state, out.mesh, workdir)
+    if is_main:
+        from simclr_jax.outputs import report
+
+        print(f"run report: {report.write_report(workdir)}", flush=True)
+    return {"state": out.state, "eval": results, "preempted": False}
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> str:
@@ -28,11 +52,24 @@ def export(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
     return path
 
 
-def linear_eval(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> Any:
+def linear_eval(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False
+) -> Any:
     """SimCLR linear evaluation + kNN of an export (`init_from`) or of the workdir checkpoint."""
+    from simclr_jax.evals import classifier
     from simclr_jax.evals import linear_eval as job
 
-    return job.linear_eval(config, workdir, allow_config_change)
+    if config.init_from:
+        source = classifier.load_source(config, "linear_eval")
+    else:
+        from simclr_jax import checkpoint
+        from simclr_jax.pretrain import train
+
+        if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+            classifier.load_source(config, "linear_eval", " or a --workdir with checkpoints/")
+        state, _ = train.restore_for_inference(config, workdir)
+        source = classifier.source_from_state(config.model, state, os.path.abspath(workdir))
+    return job.linear_eval(config, workdir, source, allow_config_change)
 
 
 def finetune_mode(

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from tiny import init, tiny_config
 
-from simclr_jax import checkpoint, data, models
+from simclr_jax import checkpoint, data, models, modes
 from simclr_jax.data import datasets
 from simclr_jax.data import labelled as labelled_data
-from simclr_jax.evals import finetune, linear_eval
+from simclr_jax.evals import finetune
 
 # The first names of google-research/simclr imagenet_subsets/1percent.txt (12,811 lines).
 OFFICIAL_1PCT_HEAD = ["n04235860_14959.JPEG", "n04239074_7724.JPEG", "n02096294_8485.JPEG"]
@@ -68,7 +68,7 @@ def export(folder, tmp_path_factory):
 
 def test_streamed_linear_eval_learns_and_resumes_after_a_kill(folder, export, tmp_path):
     config = _config(folder, export)
-    full = linear_eval.linear_eval(config, str(tmp_path / "full"))
+    full = modes.linear_eval(config, str(tmp_path / "full"))
     assert full["num_labels"] == 48 and full["steps"] == 24 and full["num_test_examples"] == 16
     assert full["top1"] >= 0.75 and full["knn_top1"] >= 0.75, full  # two classes: chance 0.5
 
@@ -86,12 +86,12 @@ def test_streamed_linear_eval_learns_and_resumes_after_a_kill(folder, export, tm
 
     labelled_data.labelled_train_iterator = terminated
     try:
-        stopped = linear_eval.linear_eval(config, killed)
+        stopped = modes.linear_eval(config, killed)
     finally:
         labelled_data.labelled_train_iterator = real
     assert stopped["preempted"] and not os.path.exists(os.path.join(killed, "linear_eval.json"))
     assert sorted(os.listdir(checkpoint.checkpoint_dir(killed))) == ["7"]
-    resumed = linear_eval.linear_eval(config, killed)
+    resumed = modes.linear_eval(config, killed)
     for key in ("top1", "top5", "knn_top1"):
         assert resumed[key] == full[key]
     for a, b in zip(
@@ -150,7 +150,7 @@ def test_official_subset_reads_the_tfds_subset_builder(monkeypatch):
 def test_fast_probe_on_precomputed_features(folder, export, tmp_path):
     config = _config(folder, export)
     config.linear_eval.precompute_features = True
-    result = linear_eval.linear_eval(config, str(tmp_path))
+    result = modes.linear_eval(config, str(tmp_path))
     assert result["num_labels"] == 48 and result["num_examples"] == 16
     assert result["top1"] >= 0.75 and result["knn_top1"] >= 0.75, result
     assert json.load(open(tmp_path / "linear_eval.json"))["precompute_features"]

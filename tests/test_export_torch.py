@@ -233,7 +233,7 @@ def test_wrong_depth_in_export_json_names_the_problem():
 
 
 def test_export_torch_mode_uses_the_workdir_export_or_init_from(tmp_path):
-    from simclr_jax import modes as run_modes
+    from simclr_jax import modes
 
     torch_modules()
     mc = model_config(18, "cifar", 4)
@@ -242,9 +242,9 @@ def test_export_torch_mode_uses_the_workdir_export_or_init_from(tmp_path):
         str(run / "export"), random_variables(mc, 8), mc.to_dict(), {"step": 1, "config": {}}
     )
     config = ml_collections.ConfigDict({"init_from": ""})
-    paths = run_modes.run("export_torch", config, str(run), False)
+    paths = modes.run("export_torch", config, str(run), False)
     assert paths["encoder"] == str(run / "export_torch" / "encoder.safetensors")
     config.init_from = str(run / "export")
-    paths = run_modes.run("export_torch", config, str(tmp_path / "other"), False)
+    paths = modes.run("export_torch", config, str(tmp_path / "other"), False)
     assert paths["model"] == str(tmp_path / "other" / "export_torch" / "model.json")
     export_torch.load_torch(str(tmp_path / "other" / "export_torch"))

@@ -12,12 +12,10 @@ import numpy as np
 import pytest
 from tiny import tiny_config
 
-from simclr_jax import checkpoint
-from simclr_jax import modes as run_modes
+from simclr_jax import checkpoint, modes
 from simclr_jax.data import labelled as labelled_data
 from simclr_jax.evals import classifier as downstream
 from simclr_jax.evals import finetune, linear_eval
-from simclr_jax.pretrain import train
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +28,7 @@ def pretrained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("pretrain"))
     config = tiny_config(total_steps=20, checkpoint_every_steps=20)
     config.eval.at_end = False
-    train.train_and_evaluate(config, workdir)
+    modes.pretrain(config, workdir)
     return workdir
 
 
@@ -93,7 +91,7 @@ def test_finetune_learns_and_resumes_after_a_kill_to_the_same_result(
     assert [h["step"] for h in saved["history"]] == [22, 44, 66]
     rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == [20, 40, 60, 66]
-    page = open(run_modes.run("report", config, str(tmp_path / "full"), False)).read()
+    page = open(modes.run("report", config, str(tmp_path / "full"), False)).read()
     assert "Downstream results" in page and "eval_top1.png" in page and "No eval.json" not in page
 
     workdir = str(tmp_path / "killed")
@@ -116,14 +114,14 @@ def test_finetune_learns_and_resumes_after_a_kill_to_the_same_result(
 def test_linear_eval_of_the_workdir_checkpoint_learns(pretrained):
     config = _config()
     config.linear_eval.knn = True
-    result = run_modes.run("linear_eval", config, pretrained, False)
+    result = modes.run("linear_eval", config, pretrained, False)
     assert result["top1"] > 0.2 and result["knn_top1"] > 0.2, result
     saved = json.load(open(os.path.join(pretrained, "linear_eval.json")))
     assert saved["source"] == os.path.abspath(pretrained) and saved["epochs"] == 3.0
     # Its run files live beside the pretraining run's, which stays untouched.
     assert os.listdir(checkpoint.checkpoint_dir(pretrained)) == ["20"]
     assert os.path.exists(os.path.join(linear_eval.run_dir(config, pretrained), "metrics.jsonl"))
-    page = open(run_modes.run("report", config, pretrained, False)).read()
+    page = open(modes.run("report", config, pretrained, False)).read()
     assert "Downstream results" in page and "linear_eval_loss.png" in page
 
 

@@ -17,8 +17,7 @@ import pytest
 import simclr_tf_reference as ref
 from tiny import tiny_config
 
-from simclr_jax import checkpoint, models
-from simclr_jax import modes as run_modes
+from simclr_jax import checkpoint, models, modes
 from simclr_jax.interop import export_torch
 
 IMAGES = np.random.default_rng(0).uniform(0, 1, (2, 28, 28, 3)).astype(np.float32)
@@ -44,7 +43,7 @@ def official(tmp_path_factory):
 def _import(source: str, workdir: str) -> tuple[dict, dict]:
     config = tiny_config()
     config.init_from = source
-    path = run_modes.run("import_official", config, workdir, False)
+    path = modes.run("import_official", config, workdir, False)
     assert path == checkpoint.export_dir(workdir)
     return checkpoint.load_export(path)
 

@@ -63,9 +63,9 @@ def test_views_are_seeded_and_use_the_config():
 
 
 def test_preview_augment_mode(tmp_path):
-    from simclr_jax import modes as run_modes
+    from simclr_jax import modes
 
-    path = run_modes.run("preview_augment", small_config(), str(tmp_path), False)
+    path = modes.run("preview_augment", small_config(), str(tmp_path), False)
     cell = 8 * preview.cell_scale(8)
     assert mpimg.imread(path).shape[:2] == preview.grid_size(8, 6, cell)
 

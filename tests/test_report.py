@@ -9,8 +9,8 @@ import pytest
 import tiny
 from matplotlib import image as mpimg
 
+from simclr_jax import modes
 from simclr_jax.outputs import report
-from simclr_jax.pretrain import train
 
 
 def tiny_config(**overrides):
@@ -41,7 +41,7 @@ def check_page(out_dir, index):
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    train.train_and_evaluate(tiny_config(), workdir)
+    modes.pretrain(tiny_config(), workdir)
     return workdir
 
 
@@ -122,10 +122,9 @@ def test_eval_table(tmp_path):
 
 
 def test_report_mode(tmp_path):
-    from simclr_jax import modes as run_modes
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 6.0}\n')
-    index = run_modes.run("report", tiny_config(), str(tmp_path), False)
+    index = modes.run("report", tiny_config(), str(tmp_path), False)
     assert index == str(tmp_path / "report" / "index.html")
     assert os.path.exists(tmp_path / "report" / "loss.png")
 

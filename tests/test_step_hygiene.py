@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from tiny import loop_config, tiny_config
 
-from simclr_jax import checkpoint
-from simclr_jax.pretrain import train
+from simclr_jax import checkpoint, modes
 
 
 def _compiles_of_train_step(records) -> int:
@@ -23,7 +22,7 @@ def test_loop_runs_under_transfer_guard_and_compiles_once(tmp_path, caplog):
     try:
         with caplog.at_level(logging.WARNING), jax.transfer_guard("disallow"):
             # 12 steps cross log (every 4) and checkpoint (every 6) boundaries.
-            out = train.train_and_evaluate(loop_config(), workdir)
+            out = modes.pretrain(loop_config(), workdir)
         assert int(jax.device_get(out["state"].step)) == 12
         assert _compiles_of_train_step(caplog.records) == 1
         caplog.clear()
@@ -32,7 +31,7 @@ def test_loop_runs_under_transfer_guard_and_compiles_once(tmp_path, caplog):
         # implicit transfers either.
         shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(workdir), "12"))
         with caplog.at_level(logging.WARNING), jax.transfer_guard("disallow"):
-            out = train.train_and_evaluate(loop_config(), workdir)
+            out = modes.pretrain(loop_config(), workdir)
         assert int(jax.device_get(out["state"].step)) == 12
         assert _compiles_of_train_step(caplog.records) == 1
     finally:

@@ -9,21 +9,21 @@ import pytest
 from tiny import loop_config, model_and_optimizer, tiny_config
 from tolerances import assert_trees_close, fp32_rtol
 
-from simclr_jax import config_base, data, models
+from simclr_jax import config_base, data, models, modes
 from simclr_jax.evals import end_of_run as evaluate
-from simclr_jax.pretrain import train
+from simclr_jax.pretrain import state as pretrain_state
 from simclr_jax.runtime import parallel
 
 
 def _step_fn(config, mesh):
     model, tx, schedule = model_and_optimizer(config)
-    return train.compile_train_step(config, model, tx, schedule, mesh)
+    return pretrain_state.compile_train_step(config, model, tx, schedule, mesh)
 
 
 def _init_state(config, mesh):
     """The train state a run starts from (as in `run_steps`), on `mesh`."""
     model, tx, _ = model_and_optimizer(config)
-    return train.create_train_state(config, model, tx, mesh)
+    return pretrain_state.create_train_state(config, model, tx, mesh)
 
 
 def run_steps(config, devices, steps):
@@ -31,8 +31,8 @@ def run_steps(config, devices, steps):
     mesh = parallel.make_mesh(devices)
     spe = data.dataset_info(config).num_train_examples // config.batch_size
     model, tx, schedule = model_and_optimizer(config, spe)
-    state = train.create_train_state(config, model, tx, mesh)
-    step_fn = train.compile_train_step(config, model, tx, schedule, mesh)
+    state = pretrain_state.create_train_state(config, model, tx, mesh)
+    step_fn = pretrain_state.compile_train_step(config, model, tx, schedule, mesh)
     it = data.pretrain_iterator(config)
     losses = []
     for _ in range(steps):
@@ -139,7 +139,9 @@ def test_initialisation_at_O2_has_the_bits_of_the_default_compile(runs):
 
     fast = jax.device_get(evaluate.step0_variables(config, model))
     default = jax.device_get(jax.jit(init)())
-    state = jax.device_get(train.create_train_state(config, model, tx, parallel.make_mesh()))
+    state = jax.device_get(
+        pretrain_state.create_train_state(config, model, tx, parallel.make_mesh())
+    )
     leaves = jax.tree.leaves
     for a, b in zip(leaves(fast), leaves(default), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -163,7 +165,7 @@ def test_state_stays_replicated(runs):
 def test_train_and_evaluate_writes_every_output(tmp_path):
     config = loop_config(12, eval_at_end=True)
     workdir = str(tmp_path / "run")
-    out = train.train_and_evaluate(config, workdir)
+    out = modes.pretrain(config, workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [4, 8, 12]
@@ -184,7 +186,7 @@ def test_nan_loss_stops_with_the_step(tmp_path):
     config.optim.base_lr = 1e30  # blows up within a couple of steps
     config.optim.warmup_epochs = 0
     with pytest.raises(FloatingPointError, match=r"at step \d+"):
-        train.train_and_evaluate(config, str(tmp_path / "nan"))
+        modes.pretrain(config, str(tmp_path / "nan"))
 
 
 @pytest.mark.parametrize(
@@ -192,14 +194,17 @@ def test_nan_loss_stops_with_the_step(tmp_path):
     [
         ("batch_size", 0, "batch_size=0"),
         ("dataset", "mnist", "dataset='mnist'"),
-        ("temperature", -1.0, "temperature=-1.0"),
+        ("simclr", {"temperature": -1.0}, "simclr.temperature=-1.0"),
     ],
 )
 def test_invalid_config_values_fail_at_start(tmp_path, key, value, match):
     config = tiny_config()
-    config[key] = value
+    if isinstance(value, dict):  # a key of a section
+        config[key].update(value)
+    else:
+        config[key] = value
     with pytest.raises(config_base.ConfigError, match=match):
-        train.train_and_evaluate(config, str(tmp_path / "bad"))
+        modes.pretrain(config, str(tmp_path / "bad"))
     assert not os.path.exists(tmp_path / "bad" / "checkpoints")
 
 
@@ -207,7 +212,7 @@ def test_batch_not_divisible_by_devices(tmp_path):
     with pytest.raises(
         ValueError, match="batch_size=36 must be divisible by the number of devices"
     ):
-        train.train_and_evaluate(tiny_config(batch_size=36), str(tmp_path / "b"))
+        modes.pretrain(tiny_config(batch_size=36), str(tmp_path / "b"))
 
 
 def test_step_with_host_sampled_boxes_is_device_count_invariant(runs):
@@ -259,7 +264,7 @@ def test_end_of_run_evaluation_in_both_linear_modes():
     # standardise them as the fast probe does, so at SimCLR's LR (0.1 x B/256) and with crops
     # it stays at chance for these 80 steps. Centre crops and LR 10 let both modes learn.
     config.linear_eval.augment, config.linear_eval.base_lr = False, 10.0
-    model = train.create_model(config, 10)
+    model = pretrain_state.create_model(config, 10)
     source = evaluate.encoder_source(config, evaluate.step0_variables(config, model), "step0")
     mesh = parallel.make_mesh()
     fast = evaluate.evaluate_encoder(config, source, mesh, 10)

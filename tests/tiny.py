@@ -3,8 +3,8 @@
 import os
 
 from simclr_jax import config_base, data
-from simclr_jax.pretrain import train
-from simclr_jax.runtime import compile as runtime_compile
+from simclr_jax.pretrain import state as pretrain_state
+from simclr_jax.runtime import compiled
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -23,7 +23,7 @@ def tiny_config(base: str = "digits", **overrides):
     c = load_config(base)
     if base == "digits":
         c.optim.name, c.optim.base_lr, c.optim.lr_scaling = "lars", 1.0, "linear"
-        c.optim.weight_decay, c.temperature, c.augment.area_min = 1e-4, 0.2, 0.25
+        c.optim.weight_decay, c.simclr.temperature, c.augment.area_min = 1e-4, 0.2, 0.25
     c.batch_size = 32
     c.total_steps = 30
     c.log_every_steps = 10
@@ -51,16 +51,16 @@ def loop_config(total_steps: int = 12, eval_at_end: bool = False):
 
 
 def init(model, *args, **kwargs):
-    """`model.init(*args, **kwargs)` compiled as runs compile it (`runtime_compile.jit_init`).
+    """`model.init(*args, **kwargs)` compiled as runs compile it (`compiled.jit_init`).
 
     Eager `init` compiles every op on its own at XLA's default -O3: ~20 s for a tiny ResNet,
     against ~2 s in one -O2 program (with the same bits as the -O3 program).
     """
-    return runtime_compile.jit_init(lambda: model.init(*args, **kwargs))()
+    return compiled.jit_init(lambda: model.init(*args, **kwargs))()
 
 
 def model_and_optimizer(config, steps_per_epoch: int | None = None):
     """(model, tx, schedule) as a run builds them; steps_per_epoch defaults to the dataset's."""
     info = data.dataset_info(config)
     spe = steps_per_epoch or info.num_train_examples // config.batch_size
-    return train.model_and_optimizer(config, info.num_classes, spe)
+    return pretrain_state.model_and_optimizer(config, info.num_classes, spe)

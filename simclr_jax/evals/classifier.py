@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from simclr_jax import augment, checkpoint, models, optim
 from simclr_jax.data import labelled as labelled_data
-from simclr_jax.runtime import cpu_conv, loop, parallel
+from simclr_jax.runtime import compiled, cpu_conv, parallel
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,7 @@ def evaluate_classifier(
 ) -> dict[str, float]:
     """`{'top1', 'top5', 'num_examples'}` on the whole test split, streamed per host."""
     rep = parallel.replicated(mesh)
-    fn = loop.cached(
-        ("eval_counts", repr(model), mesh),
+    fn = compiled.cached(
         lambda: jax.jit(
             functools.partial(_eval_counts, model=model),
             in_shardings=(rep, parallel.data_sharded(mesh)),
@@ -321,4 +320,4 @@ def apply_encoder(model: Classifier) -> Callable[[Any, jax.Array], jax.Array]:
 
         return apply
 
-    return loop.cached(("apply_encoder", repr(model.encoder)), make)
+    return compiled.cached(make)

@@ -22,7 +22,7 @@ from simclr_jax.evals import classifier_run as downstream_run
 from simclr_jax.evals import knn, probe
 from simclr_jax.models import init_variables
 from simclr_jax.runtime import parallel
-from simclr_jax.runtime.compile import jit_init
+from simclr_jax.runtime.compiled import jit_init
 
 log = logging.getLogger(__name__)
 

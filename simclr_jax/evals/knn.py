@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from simclr_jax.data import labelled as labelled_data
-from simclr_jax.runtime import loop, parallel
+from simclr_jax.runtime import compiled, parallel
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -54,16 +54,14 @@ def feature_bank(
         parallel.data_sharded(mesh),
         bank_sharding(mesh),
     )
-    extract = loop.cached(
-        ("extract", apply_fn, mesh),
+    extract = compiled.cached(
         lambda: jax.jit(
             lambda v, x: apply_fn(v, x.astype(jnp.float32) / 255.0).astype(jnp.float32),
             in_shardings=(rep, sharded),
             out_shardings=sharded,
         ),
     )
-    put = loop.cached(
-        ("bank_put", mesh),
+    put = compiled.cached(
         lambda: jax.jit(
             lambda bank, i, row: jax.lax.dynamic_update_index_in_dim(bank, row, i, 0),
             in_shardings=(bank_sh, None, sharded),
@@ -78,8 +76,7 @@ def feature_bank(
         y = jnp.where(b["mask"], b["label"], -1)
         if bank is None:
             shape = (nb, batch, feats.shape[-1])
-            bank = loop.cached(
-                ("bank_zeros", shape, mesh),
+            bank = compiled.cached(
                 lambda shape=shape: jax.jit(
                     lambda: (
                         jnp.zeros(shape, jnp.float32),
@@ -176,7 +173,7 @@ def knn_on_banks(
 
         return counts
 
-    counts = loop.cached(("knn_counts", votes_fn), make)
+    counts = compiled.cached(make)
 
     total = jnp.zeros((3,), jnp.int32)
     test_x, test_y = test

@@ -31,23 +31,16 @@ def run_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def linear_eval(
-    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    source: downstream.Source,
+    allow_config_change: bool = False,
 ) -> dict[str, Any]:
-    """Linear evaluation of `config.init_from` (or of `workdir`'s latest checkpoint)."""
+    """Linear evaluation of the frozen encoder `source` (an export or a pretraining state)."""
     config_base.validate_config(config)
     parallel.maybe_initialize_distributed(config)
     mesh = parallel.make_mesh()
     info = data.dataset_info(config)
-    if config.init_from:
-        source = downstream.load_source(config, "linear_eval")
-    else:
-        from simclr_jax import checkpoint
-        from simclr_jax.pretrain import train
-
-        if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
-            downstream.load_source(config, "linear_eval", " or a --workdir with checkpoints/")
-        state, _ = train.restore_for_inference(config, workdir)
-        source = downstream.source_from_state(config.model, state, os.path.abspath(workdir))
     model = downstream.build_classifier(source.model_config, 0, info.num_classes, freeze=True)
     variables = downstream.initial_variables(model, source, config.augment.image_size)
     section = config.linear_eval

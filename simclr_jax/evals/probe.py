@@ -19,7 +19,7 @@ import optax
 from jax.sharding import Mesh
 
 from simclr_jax.evals import classifier as downstream
-from simclr_jax.runtime import loop
+from simclr_jax.runtime import compiled
 
 
 def linear_probe(
@@ -79,19 +79,7 @@ def linear_probe(
         p, _ = jax.lax.fori_loop(0, total, step, (params, tx.init(params)))
         return p, mean, std
 
-    key = (
-        "probe_fit",
-        section.to_json(sort_keys=True),
-        x.shape,
-        num_classes,
-        n_valid,
-        batch,
-        total,
-        seed,
-        trust_coefficient,
-        mesh,
-    )
-    p, mean, std = loop.cached(key, lambda: jax.jit(fit))(x, y)
+    p, mean, std = compiled.cached(lambda: jax.jit(fit))(x, y)
 
     def counts(p, mean, std, xb, yb):
         logits = ((xb - mean) / std) @ p["kernel"] + p["bias"]
@@ -104,7 +92,7 @@ def linear_probe(
             ]
         ).astype(jnp.int32)
 
-    counts_fn = loop.cached(("probe_counts", num_classes), lambda: jax.jit(counts))
+    counts_fn = compiled.cached(lambda: jax.jit(counts))
     tx_, ty_ = test
     total_counts = jnp.zeros((3,), jnp.int32)
     for i in range(tx_.shape[0]):

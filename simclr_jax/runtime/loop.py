@@ -1,28 +1,37 @@
-"""Parts every training run's loop shares (pretraining and the downstream jobs alike).
+"""The one run loop every training job drives: pretraining, linear evaluation and fine-tuning.
 
-Preemption handling, cadence, the saved config and its resume check, host metrics and the
-device-batch prefetcher: a loop is these plus its own jitted step and checkpoint manager.
+A job builds its jitted step, state, checkpoint manager and metric writer and describes them in a
+`Run`; `run` then owns the cadence (logging, checkpoints, hooks), the health checks (loss, gradient
+and update norms finite), throughput, progress, preemption and the final checkpoint. Checkpoints
+hold the data position (`data_step`): a resumed run reads its batches from that step in O(1).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
+import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
+import optax
 from jax.sharding import Mesh
 
-from simclr_jax import config_base
+from simclr_jax import checkpoint
 from simclr_jax.runtime import parallel
+from simclr_jax.runtime.metric_writer import MetricWriter
 
 log = logging.getLogger(__name__)
+
+# Metrics whose non-finite value stops a run: a NaN/Inf here poisons every later step.
+HEALTH_METRICS = ("loss", "grad_norm", "update_norm")
+
+Step = Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]
 
 
 class Preemption:
@@ -58,40 +67,6 @@ def itstime(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes `workdir/config.json`, keeping any previous one as `config.<time>.json`."""
-    if jax.process_index() != 0:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    text = config.to_json_best_effort(indent=2, sort_keys=True)
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() == text:
-                return
-        os.rename(path, os.path.join(workdir, f"config.{int(time.time())}.json"))
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def check_resume_config(
-    config: ml_collections.ConfigDict, workdir: str, allow_change: bool
-) -> None:
-    """Refuses to resume a workdir whose saved config differs in keys that change the run."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    diffs = config_base.config_diff(saved, json.loads(config.to_json_best_effort()))
-    if diffs and not allow_change:
-        lines = "\n  ".join(diffs)
-        raise ValueError(
-            f"{workdir} holds a run with a different config; resuming would change it:\n  {lines}\n"
-            "Use another --workdir, or pass --allow_config_change to resume anyway."
-        )
-
-
 def host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
     """A step's metrics as Python floats (one device-to-host transfer)."""
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -108,18 +83,144 @@ def device_batches(
         yield cur
 
 
-_CACHE: dict[Any, Any] = {}
+def with_update_norm(step: Callable[..., Any]) -> Callable[..., Any]:
+    """`step` that also reports `update_norm`, the L2 norm of the change of `state.params`.
 
-
-def cached(key: Any, make: Callable[[], Any]) -> Any:
-    """`make()` built once per hashable `key` in this process (e.g. a jitted step).
-
-    Downstream runs build their jitted functions through this, so runs with the same model and
-    settings in one process (random-init and pretrained evaluation, a resumed test run) share
-    one compilation instead of tracing and compiling fresh closures each time.
+    Measured on the params themselves, so it covers every method's update (optimizer, EMA-free
+    parts, clipping) without each step computing it; used by the loop's health check.
     """
-    if key not in _CACHE:
-        if len(_CACHE) >= 128:
-            _CACHE.clear()
-        _CACHE[key] = make()
-    return _CACHE[key]
+
+    def checked(state: Any, *args: Any) -> tuple[Any, dict[str, jax.Array]]:
+        new_state, metrics = step(state, *args)
+        delta = jax.tree.map(lambda a, b: a - b, new_state.params, state.params)
+        return new_state, {**metrics, "update_norm": optax.tree.norm(delta)}
+
+    return checked
+
+
+@dataclasses.dataclass
+class Run:
+    """What `run` drives: a jitted step over device batches from a start step to `total_steps`."""
+
+    name: str  # the job ('pretrain', 'linear_eval', 'finetune', 'eval'): progress and messages
+    step_fn: Step  # jitted (state, device batch) -> (state, metrics incl. HEALTH_METRICS)
+    host_batches: Callable[[], Iterator[dict[str, np.ndarray]]]  # from the start step on
+    mesh: Mesh
+    total_steps: int
+    steps_per_epoch: int
+    batch_size: int  # global examples per step (images/s)
+    log_every: int
+    checkpoint_every: int
+    writer: MetricWriter
+    hint: str  # what to change when the loss diverges, e.g. 'lower optim.base_lr'
+    manager: Any = None  # orbax CheckpointManager (None: nothing is saved)
+    # More steps whose metrics are written (besides log_every), e.g. the monitor cadence.
+    also_log_every: int = 0
+    # (step, host metrics) -> the metrics to write; e.g. drops monitors on non-monitor steps.
+    on_metrics: Callable[[int, dict[str, float]], dict[str, float]] | None = None
+    # (every, fn(step, state)): called on multiples of `every` before the last step (evaluations).
+    hooks: Sequence[tuple[int, Callable[[int, Any], None]]] = ()
+    show: dict[str, str] = dataclasses.field(default_factory=lambda: {"loss": "loss"})
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class Outcome:
+    """Where a run stopped: the state, its step, and whether a preemption notice stopped it."""
+
+    state: Any
+    step: int
+    preempted: bool
+
+
+def _last_good_checkpoint(manager: Any, before: int) -> str:
+    """The newest checkpoint at or before step `before`, for the divergence message."""
+    steps = [s for s in (manager.all_steps() if manager is not None else []) if s <= before]
+    if not steps:
+        return "no checkpoint before it"
+    path = os.path.join(str(manager.directory), str(max(steps)))
+    return f"the last checkpoint before it is step {max(steps)} ({path})"
+
+
+def check_health(r: Run, m: dict[str, float], step: int, last_good: int) -> None:
+    """Raises FloatingPointError naming the first non-finite health metric at `step`."""
+    for key in HEALTH_METRICS:
+        if key in m and not math.isfinite(m[key]):
+            raise FloatingPointError(
+                f"{r.name}: {key} is {m[key]} at step {step} (first non-finite in steps "
+                f"{last_good + 1}..{step}); {_last_good_checkpoint(r.manager, last_good)}; "
+                f"{r.hint}"
+            )
+
+
+def _save(r: Run, step: int, state: Any) -> None:
+    checkpoint.save(r.manager, step, state, {"step": step, "data_step": step})
+
+
+def run(r: Run, state: Any, start_step: int) -> Outcome:
+    """Steps `state` from `start_step` to `r.total_steps`; checkpoints, logs and stops cleanly.
+
+    A non-finite loss, gradient norm or update norm stops the run with FloatingPointError before
+    anything later is saved: metrics are checked on every logged step and before every save.
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=r.total_steps,
+        initial=start_step,
+        disable=not (r.progress and jax.process_index() == 0),
+        unit="step",
+        dynamic_ncols=True,
+        desc=r.name,
+    )
+    step, preempted, host_iter = start_step, False, None
+    # step_ok: the last step whose health metrics were checked; step_logged: for images/s.
+    t_last, step_ok, step_logged = time.perf_counter(), start_step, start_step
+    try:
+        if step < r.total_steps:
+            host_iter = r.host_batches()
+            batches = device_batches(host_iter, r.mesh)
+        with Preemption() as preemption:
+            while step < r.total_steps:
+                state, metrics = r.step_fn(state, next(batches))
+                step += 1
+                bar.update(1)
+                preempted = preemption.requested or (
+                    r.manager is not None and r.manager.reached_preemption(step)
+                )
+                save = r.manager is not None and (
+                    preempted or itstime(step, r.checkpoint_every, r.total_steps)
+                )
+                log_now = itstime(step, r.log_every, r.total_steps) or itstime(
+                    step, r.also_log_every, r.total_steps
+                )
+                if save or log_now:
+                    m = host_metrics(metrics)
+                    check_health(r, m, step, step_ok)
+                    step_ok = step
+                if log_now:
+                    if r.on_metrics is not None:
+                        m = r.on_metrics(step, m)
+                    now = time.perf_counter()
+                    m["images_per_sec"] = (step - step_logged) * r.batch_size / (now - t_last)
+                    m["epoch"] = step / r.steps_per_epoch
+                    t_last, step_logged = now, step
+                    r.writer.write(step, m)
+                    bar.set_postfix(**{k: f"{m[v]:.3g}" for k, v in r.show.items() if v in m})
+                for every, hook in r.hooks:
+                    if every and step < r.total_steps and step % every == 0:
+                        hook(step, state)
+                if save:
+                    _save(r, step, state)
+                if preempted:
+                    log.warning("%s stopped at step %d (preemption); rerun to resume", r.name, step)
+                    break
+        if r.manager is not None:
+            if not preempted and r.manager.latest_step() != r.total_steps:
+                _save(r, r.total_steps, state)
+            r.manager.wait_until_finished()
+    finally:
+        bar.close()
+        if host_iter is not None and hasattr(host_iter, "close"):
+            host_iter.close()
+    return Outcome(state, step, preempted)
