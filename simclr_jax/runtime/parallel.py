@@ -192,27 +192,3 @@ def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
     """Assembles each host's slice of the batch into one global array sharded on 'data'."""
     sharding = data_sharded(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-
-
-def full_to_global(tree: Any, mesh: Mesh) -> Any:
-    """The same full arrays on every host -> global arrays sharded on 'data'.
-
-    Each host copies only the rows its own devices hold; nothing crosses hosts (unlike
-    `jax.device_put` onto a multi-process sharding, which first checks all hosts agree).
-    """
-    sharding = data_sharded(mesh)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, x, x.shape), tree
-    )
-
-
-def global_to_host(tree: Any) -> Any:
-    """Fetches fully-replicated or fully-addressable arrays to numpy on every host."""
-    return jax.tree.map(
-        lambda x: (
-            np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True))
-            if isinstance(x, jax.Array) and not x.is_fully_addressable
-            else np.asarray(x)
-        ),
-        tree,
-    )
