@@ -31,6 +31,43 @@ def numpy_rankme(f: np.ndarray) -> float:
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
+def svd_rankme(f: np.ndarray) -> float:
+    """The fp32 SVD implementation that the Gram form replaced."""
+    s = jnp.linalg.svd(jnp.asarray(f, jnp.float32), compute_uv=False)
+    p = s / jnp.maximum(jnp.sum(s), 1e-30) + 1e-7
+    return float(jnp.exp(-jnp.sum(p * jnp.log(p))))
+
+
+_EPS32 = float(np.finfo(np.float32).eps)
+
+
+def gram_rtol(f: np.ndarray, rank: int | None = None) -> float:
+    """Relative error bound of fp32 `monitors.rankme(f)` for `f` of rank `rank` (default: full)."""
+    s = np.linalg.svd(np.asarray(f, np.float64), compute_uv=False)
+    rank = len(s) if rank is None else rank
+    kappa = s[0] / s[rank - 1]
+    # The real singular values: the fp32 eigh of the Gram is backward stable, so its eigenvalues
+    # and the Ritz values ||X v_i||^2 are off by <= c eps s_max^2, i.e. s_i by <= c/2 eps kappa^2
+    # relative (the Gram squares the condition number; kappa ~ 3 for these 4:1 Gaussian shapes).
+    # p = s / sum(s) then moves by <= c eps kappa^2 relative, and H = -sum p log p (so
+    # rankme = exp(H), relatively) by <= that times 1 + log(1 / p_min) <= 1 + log(rank kappa).
+    # c = 8 covers the eigensolver's and the matmuls' constants.
+    real = 8 * _EPS32 * kappa**2 * (1 + np.log(rank * kappa))
+    # The min(N, F) - rank null directions: ||X v_i|| (like the SVD) comes out at <= c eps ||X||_F
+    # <= c eps sum(s) (observed c < 1 at these sizes, 2 at [8192, 2048]; c = 4 here), so each p_i
+    # lies in [1e-7, 1e-7 + 4 eps] above Garrido's epsilon, where -p log p has slope
+    # <= 1 + log(1e7) < 17. A sqrt of fp32 Gram eigenvalues would put them at ~sqrt(eps) s_max
+    # instead: 1e-2 and more off on these inputs.
+    null = (len(s) - rank) * 17 * 4 * _EPS32
+    return real + null
+
+
+def _low_rank(n: int, d: int, rank: int, seed: int) -> np.ndarray:
+    """Rows in a random `rank`-dimensional subspace: dimensional collapse."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, rank)) @ rng.normal(size=(rank, d))).astype(np.float32)
+
+
 def test_collapsed_embeddings_have_uniformity_zero_and_rank_one():
     z = jnp.tile(jnp.array([[0.3, -1.2, 0.5, 2.0]]), (16, 1))
     assert abs(float(monitors.uniformity(z))) < 1e-6
@@ -84,6 +121,45 @@ def test_random_inputs_match_numpy():
         float(monitors.uniformity(z, 2.0)), numpy_uniformity(np.asarray(z), 2.0), rtol=1e-5
     )
     np.testing.assert_allclose(float(monitors.rankme(f)), numpy_rankme(np.asarray(f)), rtol=1e-4)
+
+
+# 4:1 Gaussian shapes are well conditioned (kappa ~ (2 + 1) / (2 - 1) = 3); both N > F and N < F.
+@pytest.mark.parametrize("n,d", [(64, 16), (16, 64), (256, 32), (32, 256)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rankme_equals_svd_on_random_features(n, d, seed):
+    f = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    got, rtol = float(monitors.rankme(jnp.asarray(f))), gram_rtol(f)
+    np.testing.assert_allclose(got, numpy_rankme(f), rtol=rtol)
+    np.testing.assert_allclose(got, svd_rankme(f), rtol=rtol)
+
+
+@pytest.mark.parametrize("n,d,rank", [(256, 64, 1), (256, 64, 4), (64, 256, 4), (512, 128, 8)])
+def test_rankme_equals_svd_on_rank_deficient_features(n, d, rank):
+    f = _low_rank(n, d, rank, seed=rank)
+    got, rtol = float(monitors.rankme(jnp.asarray(f))), gram_rtol(f, rank)
+    np.testing.assert_allclose(got, numpy_rankme(f), rtol=rtol)
+    np.testing.assert_allclose(got, svd_rankme(f), rtol=rtol)
+    assert got == pytest.approx(rank, rel=0.5)  # collapse shows: nowhere near min(n, d)
+
+
+@pytest.mark.parametrize("n,d,rank", [(64, 16, None), (16, 64, None), (64, 16, 2)])
+def test_rankme_of_row_sharded_features_equals_svd(n, d, rank):
+    mesh = parallel.make_mesh()
+    rng = np.random.default_rng(3)
+    f = rng.normal(size=(n, d)).astype(np.float32) if rank is None else _low_rank(n, d, rank, 3)
+    sharded = jax.device_put(jnp.asarray(f), NamedSharding(mesh, P("data")))
+    got, rtol = float(jax.jit(monitors.rankme)(sharded)), gram_rtol(f, rank)
+    np.testing.assert_allclose(got, numpy_rankme(f), rtol=rtol)
+    np.testing.assert_allclose(got, svd_rankme(f), rtol=rtol)
+
+
+def test_rankme_of_row_sharded_features_does_not_gather_the_batch():
+    # The point of the Gram form: with N >= F the batch enters only matmuls that XLA reduces
+    # across devices (all-reduce of F x F and F values), instead of gathering all [N, F] rows.
+    mesh = parallel.make_mesh()
+    sharded = jax.device_put(jnp.ones((64, 16)), NamedSharding(mesh, P("data")))
+    hlo = jax.jit(monitors.rankme).lower(sharded).compile().as_text()
+    assert "all-reduce" in hlo and "all-gather" not in hlo
 
 
 def test_global_arrays_on_eight_devices_equal_one_device():
