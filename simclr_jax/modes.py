@@ -139,8 +139,18 @@ MODES = {
 }
 
 
+# Modes that only read a run (a report of a run in progress, a preview) take no lock.
+READ_ONLY_MODES = ("report", "preview_augment")
+
+
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str, allow_change: bool) -> Any:
-    """Runs `mode`; raises ValueError naming the allowed modes for an unknown one."""
+    """Runs `mode` holding the workdir's lock; ValueError naming the modes for an unknown one."""
     if mode not in MODES:
         raise ValueError(f"--mode={mode!r} is not one of {sorted(MODES)}")
-    return MODES[mode](config, workdir, allow_change)
+    if mode in READ_ONLY_MODES:
+        return MODES[mode](config, workdir, allow_change)
+    from simclr_jax.runtime import parallel, workdir_lock
+
+    parallel.maybe_initialize_distributed(config)
+    with workdir_lock.hold(workdir, mode):
+        return MODES[mode](config, workdir, allow_change)

@@ -198,8 +198,7 @@ def run_classifier(
     try:
         out = loop.run(spec, state, start)
     finally:
-        if manager is not None:
-            manager.close()
+        loop.close_manager(manager)
     result: dict[str, Any] = {
         "num_labels": int(num_labels),
         "steps": int(total),

@@ -127,7 +127,7 @@ def train(
         out = loop.run(run, state, start)
     finally:
         writer.close()
-        manager.close()
+        loop.close_manager(manager)
     monitors_at = last_monitors[0] if last_monitors else None
     return Pretrained(out.state, model, mesh, out.preempted, monitors_at)
 

@@ -153,8 +153,50 @@ def check_health(r: Run, m: dict[str, float], step: int, last_good: int) -> None
             )
 
 
+def _os_error(e: BaseException) -> OSError | None:
+    """The first OSError in `e`'s chain (orbax wraps the background writer's error)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _checked_saves(r: Run, what: Callable[[], Any]) -> Any:
+    """Runs a checkpoint call; a failed (possibly earlier, asynchronous) save becomes one line."""
+    try:
+        return what()
+    except Exception as e:  # noqa: BLE001 - every failure of a save stops the run the same way
+        os_err = _os_error(e)
+        reason = (
+            f"{os_err.strerror or os_err} ({os_err.filename})"
+            if os_err is not None and os_err.filename
+            else f"{os_err.strerror or os_err}"
+            if os_err is not None
+            else f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        )
+        raise checkpoint.CheckpointError(
+            f"{r.name}: saving a checkpoint in {r.manager.directory} failed: {reason}; the run "
+            "stopped, the checkpoints saved before it are intact (free space or fix the folder, "
+            "then rerun to resume)"
+        ) from e
+
+
+def close_manager(manager: Any) -> None:
+    """Closes a checkpoint manager; an error already reported (a failed save) is not re-raised."""
+    if manager is None:
+        return
+    try:
+        manager.close()
+    except Exception as e:  # noqa: BLE001 - the loop has raised the one-line error for it
+        log.warning("closing the checkpoint manager: %s", " ".join(str(e).split())[:200])
+
+
 def _save(r: Run, step: int, state: Any) -> None:
-    checkpoint.save(r.manager, step, state, {"step": step, "data_step": step})
+    meta = {"step": step, "data_step": step}
+    _checked_saves(r, lambda: checkpoint.save(r.manager, step, state, meta))
 
 
 def run(r: Run, state: Any, start_step: int) -> Outcome:
@@ -182,6 +224,8 @@ def run(r: Run, state: Any, start_step: int) -> Outcome:
             batches = device_batches(host_iter, r.mesh)
         with Preemption() as preemption:
             while step < r.total_steps:
+                if r.manager is not None:  # an asynchronous save that failed stops the run now
+                    _checked_saves(r, r.manager.check_for_errors)
                 state, metrics = r.step_fn(state, next(batches))
                 step += 1
                 bar.update(1)
@@ -218,7 +262,7 @@ def run(r: Run, state: Any, start_step: int) -> Outcome:
         if r.manager is not None:
             if not preempted and r.manager.latest_step() != r.total_steps:
                 _save(r, r.total_steps, state)
-            r.manager.wait_until_finished()
+            _checked_saves(r, r.manager.wait_until_finished)
     finally:
         bar.close()
         if host_iter is not None and hasattr(host_iter, "close"):
