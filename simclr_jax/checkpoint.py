@@ -1,4 +1,10 @@
-"""Orbax checkpoints of the train state: async keep-N saves, fallback restore, encoder export."""
+"""Orbax checkpoints of the train state: async keep-N saves, checked fallback restore, export.
+
+A restore first compares the checkpoint's saved tree (paths, shapes, dtypes; array headers only)
+with the state the run expects: a mismatch (another architecture, optimizer, method or device
+count) stops the run and touches no checkpoint. Only files that cannot be read, after retries,
+make a checkpoint move to `checkpoints_unreadable/` (never deleted) and the previous one be tried.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from simclr_jax.runtime import parallel
-
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT_VERSION = 1
+
+# Reads of one checkpoint before it counts as unreadable, and the pause before the n-th retry
+# (n times this): a cloud bucket's transient errors pass within seconds. Tests set it to 0.
+RESTORE_ATTEMPTS = 3
+RESTORE_RETRY_DELAY_S = 2.0
+# Differing leaves named in a mismatch error; the rest are counted.
+_MISMATCHES_SHOWN = 3
+
+# Outcomes of one restore attempt, ordered so that the worst over all processes decides.
+_OK, _UNREADABLE, _MISMATCH, _FAILED = 0, 1, 2, 3
 
 
 class CheckpointError(RuntimeError):
@@ -90,9 +104,27 @@ def save(
     )
 
 
+def _barrier(name: str) -> None:
+    """Blocks until every process reaches the barrier `name` (a no-op in a one-process run)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _worst_on_any_process(outcome: int) -> int:
+    """The highest `outcome` over all processes, so that every process takes the same branch."""
+    if jax.process_count() == 1:
+        return outcome
+    return int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+
+
+def _step_dir(workdir: str, step: int) -> str:
+    """Absolute path of checkpoint `step`'s folder."""
+    return os.path.join(checkpoint_dir(workdir), str(step))
+
+
 def _quarantine(workdir: str, step: int) -> str:
     """Moves an unreadable step folder out of orbax's way (never deletes it)."""
-    src = os.path.join(checkpoint_dir(workdir), str(step))
+    src = _step_dir(workdir, step)
     dst_root = os.path.join(os.path.abspath(workdir), "checkpoints_unreadable")
     os.makedirs(dst_root, exist_ok=True)
     dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
@@ -100,32 +132,196 @@ def _quarantine(workdir: str, step: int) -> str:
     return dst
 
 
+def _quarantine_on_all_processes(workdir: str, step: int) -> None:
+    """Process 0 moves checkpoint `step` aside once no process reads it; all wait for the move."""
+    _barrier(f"simclr_jax.checkpoint.quarantine_{step}_start")
+    if jax.process_index() == 0:
+        moved = _quarantine(workdir, step)
+        log.error("moved it to %s; falling back to the previous checkpoint", moved)
+    # No process may list the steps (manager.reload) before the folder is gone.
+    _barrier(f"simclr_jax.checkpoint.quarantine_{step}_done")
+
+
+def _key_name(key: Any) -> str:
+    """A tree path entry as orbax names it: dict key, attribute name or sequence index."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    """`dtype` as one comparable string (None where the leaf has none)."""
+    if dtype is None:
+        return None
+    try:
+        return str(np.dtype(dtype))
+    except TypeError:  # typed PRNG keys and other extended dtypes
+        return str(dtype)
+
+
+def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...] | None, str | None]]:
+    """`{'params.head.kernel': (shape, dtype)}` of every leaf of a state or of saved metadata.
+
+    Orbax saves dataclasses and named tuples as dicts, so paths are compared by their names.
+    """
+    specs = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        shape = getattr(leaf, "shape", None)
+        specs[".".join(_key_name(k) for k in path)] = (
+            None if shape is None else tuple(shape),
+            _dtype_name(getattr(leaf, "dtype", None)),
+        )
+    return specs
+
+
+def _describe(spec: tuple[tuple[int, ...] | None, str | None]) -> str:
+    """'(128, 64) float32' of a leaf's (shape, dtype)."""
+    return " ".join(str(x) for x in spec if x is not None) or "?"
+
+
+def _differences(saved: Any, expected: Any) -> list[str]:
+    """What differs between the saved tree's metadata and the expected (abstract) state."""
+    have, want = _leaf_specs(saved), _leaf_specs(expected)
+    diffs = []
+    for path, spec in want.items():
+        if path not in have:
+            diffs.append(f"{path} not saved, expected {_describe(spec)}")
+            continue
+        pairs = zip(have[path], spec, strict=True)
+        if any(a is not None and b is not None and a != b for a, b in pairs):
+            diffs.append(f"{path} saved {_describe(have[path])}, expected {_describe(spec)}")
+    diffs += [
+        f"{path} saved {_describe(spec)}, not expected"
+        for path, spec in have.items()
+        if path not in want
+    ]
+    return diffs
+
+
+def _mismatch_message(path: str, diffs: list[str]) -> str:
+    """One line: which checkpoint, the first differing leaves, and what to do."""
+    shown = "; ".join(diffs[:_MISMATCHES_SHOWN])
+    more = f"; and {len(diffs) - _MISMATCHES_SHOWN} more" if len(diffs) > _MISMATCHES_SHOWN else ""
+    return (
+        f"checkpoint {path} holds a different state than this run builds (another "
+        f"architecture, optimizer, method or device count): {shown}{more}. No checkpoint was "
+        "moved or deleted: resume with the config it was saved with, or use another --workdir."
+    )
+
+
+def _is_out_of_memory(e: Exception) -> bool:
+    """Whether a restore failed for want of memory (the files may be fine)."""
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)
+
+
+def _elsewhere(path: str, outcome: int) -> str:
+    """The message of a process whose own attempt went fine while another process's did not."""
+    if outcome == _MISMATCH:
+        return _mismatch_message(path, ["another process found it (see that process's log)"])
+    what = "ran out of memory restoring" if outcome == _FAILED else "cannot read"
+    return f"another process {what} it"
+
+
+def _read_step(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any
+) -> tuple[Any, dict[str, Any]]:
+    """Checkpoint `step` read as `(state, meta)` by this process alone.
+
+    Orbax's handlers hold no barrier; `manager.restore` ends with one, where the other processes
+    would wait for a process whose read failed, then pair its next collective with the wrong one.
+    """
+    step_dir = manager.directory / str(step)
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        state = handler.restore(step_dir / "state", args=ocp.args.StandardRestore(abstract_state))
+    finally:
+        handler.close()
+    return state, dict(ocp.JsonCheckpointHandler().restore(step_dir / "meta"))
+
+
+def _restore_once(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any, path: str
+) -> tuple[int, tuple[Any, dict[str, Any]] | None, str]:
+    """One attempt, agreed on by all processes: `(outcome, (state, meta) or None, message)`.
+
+    Every process runs the same two collectives whatever fails, so none waits for another.
+    """
+    outcome, message = _OK, ""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        saved = handler.metadata(manager.directory / str(step) / "state")
+    except Exception as e:  # noqa: BLE001 - a metadata file that cannot be read
+        outcome, message = _UNREADABLE, f"{type(e).__name__}: {e}"
+    else:
+        diffs = _differences(saved, abstract_state)
+        if diffs:
+            outcome, message = _MISMATCH, _mismatch_message(path, diffs)
+    finally:
+        handler.close()
+    # All processes read the arrays, or none.
+    outcome = _worst_on_any_process(outcome)
+    if outcome != _OK:
+        return outcome, None, message or _elsewhere(path, outcome)
+    restored = None
+    try:
+        restored = _read_step(manager, step, abstract_state)
+    except Exception as e:  # noqa: BLE001 - classified here; the caller decides
+        outcome = _FAILED if _is_out_of_memory(e) else _UNREADABLE
+        message = f"{type(e).__name__}: {e}"
+    outcome = _worst_on_any_process(outcome)
+    return outcome, restored, message or _elsewhere(path, outcome)
+
+
+def _restore_with_retries(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any, workdir: str
+) -> tuple[Any, dict[str, Any]] | None:
+    """Checkpoint `step` restored, or None when its files stay unreadable over every attempt.
+
+    A checkpoint of another state, or a restore out of memory, raises CheckpointError.
+    """
+    path = _step_dir(workdir, step)
+    for attempt in range(1, RESTORE_ATTEMPTS + 1):
+        if attempt > 1:
+            time.sleep(RESTORE_RETRY_DELAY_S * (attempt - 1))
+        outcome, restored, message = _restore_once(manager, step, abstract_state, path)
+        if outcome == _OK:
+            return restored
+        if outcome == _MISMATCH:
+            raise CheckpointError(message)
+        if outcome == _FAILED:
+            raise CheckpointError(
+                f"cannot restore checkpoint {path}: out of memory ({message.splitlines()[0]}); "
+                "no checkpoint was moved: free memory or restore it on a larger machine"
+            )
+        log.warning(
+            "checkpoint %s cannot be read (attempt %d of %d): %s",
+            path,
+            attempt,
+            RESTORE_ATTEMPTS,
+            message,
+        )
+    log.error("checkpoint %s cannot be restored (%s)", path, message)
+    return None
+
+
 def restore_latest(
     manager: ocp.CheckpointManager, abstract_state: Any, workdir: str
 ) -> tuple[Any, dict[str, Any], int] | None:
     """Restores the newest readable checkpoint as `(state, meta, step)`, or None if there is none.
 
-    An unreadable checkpoint (truncated or corrupted files) is reported with its path, moved to
-    `workdir/checkpoints_unreadable/`, and the previous one is tried.
+    A checkpoint saved for another state (changed architecture, optimizer, method or device
+    count) raises CheckpointError and nothing is moved. One whose files cannot be read after
+    `RESTORE_ATTEMPTS` tries is reported with its path, moved to `workdir/checkpoints_unreadable/`,
+    and the previous one is tried.
     """
     steps = sorted(manager.all_steps(), reverse=True)
     for step in steps:
-        path = os.path.join(checkpoint_dir(workdir), str(step))
-        try:
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-                ),
-            )
-        except Exception as e:  # noqa: BLE001 - any read failure means: try the previous one
-            log.error("checkpoint %s cannot be restored (%s: %s)", path, type(e).__name__, e)
-            if jax.process_index() == 0:
-                moved = _quarantine(workdir, step)
-                log.error("moved it to %s; falling back to the previous checkpoint", moved)
-            manager.reload()
-            continue
-        return restored["state"], dict(restored["meta"]), step
+        restored = _restore_with_retries(manager, step, abstract_state, workdir)
+        if restored is not None:
+            return *restored, step
+        _quarantine_on_all_processes(workdir, step)
+        manager.reload()
     if steps:
         raise CheckpointError(
             f"none of the checkpoints {steps} in {checkpoint_dir(workdir)} can be restored; "
@@ -170,7 +366,7 @@ def export_encoder(
         else:
             os.rename(tmp, path)
     # No process may read the export (or end the run) before process 0 has swapped it in.
-    parallel.barrier("simclr_jax.export_encoder")
+    _barrier("simclr_jax.export_encoder")
     return path
 
 
