@@ -15,7 +15,7 @@ def get_config():
     c.dataset = "cifar10"
     c.batch_size = 512
     c.num_epochs = 1000.0
-    c.temperature = 0.5
+    c.simclr.temperature = 0.5
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2000
 

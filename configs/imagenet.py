@@ -19,7 +19,7 @@ def get_config():
     c.dataset = "imagenet2012"
     c.batch_size = 4096
     c.num_epochs = 100.0
-    c.temperature = 0.1
+    c.simclr.temperature = 0.1
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2500
 

@@ -12,7 +12,7 @@ def get_config():
     c.dataset = "stl10"
     c.batch_size = 512
     c.num_epochs = 500.0
-    c.temperature = 0.2
+    c.simclr.temperature = 0.2
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2000
 

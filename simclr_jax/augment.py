@@ -22,19 +22,6 @@ import numpy as np
 # ITU-R 601 luma, as in tf.image.rgb_to_grayscale and torchvision.
 _LUMA = (0.2989, 0.5870, 0.1140)
 
-# The augment-config fields, in the order `default_augment_config` lists them.
-AUGMENT_KEYS = (
-    "crop",
-    "image_size",
-    "area_min",
-    "flip",
-    "color_jitter_strength",
-    "color_jitter_prob",
-    "grayscale_prob",
-    "blur_prob",
-    "solarize_prob",
-)
-
 
 def _clip(image: jax.Array) -> jax.Array:
     """Clips to the valid [0, 1] range."""
@@ -395,18 +382,26 @@ def random_solarize(
 
 
 def default_augment_config(image_size: int) -> ml_collections.ConfigDict:
-    """SimCLR's ImageNet augmentation settings for crops of side `image_size`."""
+    """SimCLR's ImageNet augmentation settings for crops of side `image_size`.
+
+    The one source of the augment keys and their defaults: the run config's `config.augment`
+    is this section, and `AUGMENT_KEYS` lists its fields.
+    """
     config = ml_collections.ConfigDict()
-    config.crop = True  # False when the host already cropped (then images are only resized)
-    config.image_size = image_size  # side of the output views
+    config.crop = True  # random resized crop on device (False when the host crops: resize only)
+    config.image_size = image_size  # crop output side: the encoder's input size
     config.area_min = 0.08  # smallest crop area fraction
     config.flip = True
-    config.color_jitter_strength = 1.0  # 0.5 for CIFAR
+    config.color_jitter_strength = 1.0  # s: brightness/contrast/saturation 0.8s, hue 0.2s
     config.color_jitter_prob = 0.8
     config.grayscale_prob = 0.2
-    config.blur_prob = 0.5  # 0.0 for CIFAR-size images
+    config.blur_prob = 0.5  # 0 for CIFAR-size images
     config.solarize_prob = 0.0
     return config
+
+
+# The augment-config fields (sorted), derived from `default_augment_config`.
+AUGMENT_KEYS: tuple[str, ...] = tuple(default_augment_config(1).to_dict())
 
 
 def _augment_section(config: Mapping) -> Mapping:

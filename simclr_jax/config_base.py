@@ -1,311 +1,138 @@
-"""The run config's schema: defaults for every key, and validation that fails at start."""
+"""The run config's public face: the whole schema, its validation and the resume check.
+
+The shared keys and their checks are `simclr_jax/config/schema.py`, the resume diff
+`simclr_jax/config/resume.py`; this module adds every registered method's section
+(`config.<method>`, from `simclr_jax/methods/`) and reads and writes a run dir's saved config.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import time
 from typing import Any
 
+import jax
 import ml_collections
 
-from simclr_jax import methods
-from simclr_jax.config.checks import ConfigError, check
+from simclr_jax import checkpoint, methods
+from simclr_jax.config import resume, schema
+from simclr_jax.config.checks import ConfigError
+from simclr_jax.config.moved import MOVED_KEYS
+from simclr_jax.config.resume import flatten
+from simclr_jax.runtime import files
 
 __all__ = [
+    "MOVED_KEYS",
     "ConfigError",
     "base_config",
+    "check_resume",
     "config_diff",
     "flatten",
+    "record_run",
     "sibling_config",
     "validate_config",
 ]
-DATASETS = ("digits", "cifar10", "cifar100", "stl10", "imagenet2012", "image_folder")
+JOB_FILE = "job.json"  # {"job": name}: which job a run dir holds
+CONFIG_FILE = "config.json"
+_JOB_LABELS = {"pretrain": "pretraining"}  # how messages name a job
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Every key a run reads, with SimCLR ImageNet defaults; config files override a few."""
-    c = ml_collections.ConfigDict()
-    c.method = "simclr"  # the objective, a registered name (simclr_jax/methods/, docs/methods.md)
-    c.seed = 0  # the one root seed: every PRNG key derives from it with fold_in
-    c.dataset = "digits"  # one of DATASETS
-    c.batch_size = 256  # GLOBAL batch over all devices and hosts (2x this many views)
-    c.num_epochs = 100.0  # run length in epochs of the pretraining split ...
-    c.total_steps = 0  # ... unless > 0, which overrides num_epochs
-    c.temperature = 0.1  # NT-Xent temperature
-    c.log_every_steps = 50  # metrics come back to the host only this often
-    c.checkpoint_every_steps = 1000  # orbax save cadence (and always at the end)
-    c.keep_checkpoints = 3  # keep the newest N checkpoints ...
-    c.keep_period = 0  # ... plus every step divisible by this (0: none)
-    c.init_from = ""  # export directory to start from (finetune / linear_eval modes)
-
-    c.loss = ml_collections.ConfigDict()
-    c.loss.impl = "dense"  # 'dense': local rows x gathered batch; 'blockwise': chunked LSE
-    c.loss.chunk_size = 1024  # candidate columns per block for impl='blockwise'
-    c.loss.decoupled = False  # decoupled NT-Xent: positive left out of the denominator
-
-    c.monitor_every_steps = 0  # align/uniform/rankme cadence (0: every log step)
-
+    c = schema.shared_config()
     # Each method's own section, config.<name>, from its module (read when method == name).
     for name in methods.names():
         defaults = methods.get(name).config_defaults
         if defaults is not None:
             c[name] = defaults()
-
-    c.data = ml_collections.ConfigDict()
-    c.data.image_size = 224  # side of the images the host yields
-    c.data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir
-    c.data.manual_dir = ml_collections.config_dict.placeholder(str)  # imagenet2012 tars
-    c.data.folder = ml_collections.config_dict.placeholder(str)  # image_folder root
-    c.data.host_crop = False  # random-resized-crop on the host at decode (large images)
-    # With host_crop: 0 = the host resizes both views to image_size; H > 0 = it resizes the
-    # union of the two crop windows to H x H once and the device cuts the views out of it.
-    c.data.host_size = 0
-    c.data.shuffle_buffer = 10_000
-    c.data.prefetch = 2  # batches prepared ahead by a background thread
-    c.data.num_threads = 0  # tf.data decode threads (0: autotune)
-    c.data.eval_max_examples = 0  # cap on examples read for evaluation (0: all)
-
-    c.augment = ml_collections.ConfigDict()
-    c.augment.crop = True  # random resized crop on device (False when the host crops)
-    c.augment.image_size = 224  # crop output side: the encoder's input size
-    c.augment.area_min = 0.08  # smallest crop area fraction
-    c.augment.flip = True
-    c.augment.color_jitter_strength = 1.0  # s: brightness/contrast/saturation 0.8s, hue 0.2s
-    c.augment.color_jitter_prob = 0.8
-    c.augment.grayscale_prob = 0.2
-    c.augment.blur_prob = 0.5  # 0 for CIFAR-size images
-    c.augment.solarize_prob = 0.0
-
-    c.model = ml_collections.ConfigDict()
-    c.model.depth = 50  # 18, 34, 50, 101, 152, 200
-    c.model.width_multiplier = 1  # 1, 2, 3, 4
-    c.model.base_width = 64  # stem channels before the width multiplier (64 is standard)
-    c.model.stem = "imagenet"  # 'imagenet' (7x7/2 + max-pool) or 'cifar' (3x3/1, no pool)
-    c.model.zero_init_last_bn = False  # zero-init each residual branch's last BN scale
-    c.model.sk_ratio = 0.0  # 0: plain ResNet; > 0 (0.0625 in SimCLR v2): SK-ResNet with ResNet-D
-    # 'torchvision' or 'simclr_tf' (google-research/simclr's TF max-pool padding and stage-1
-    # projection; set by --mode=import_official): see simclr_jax/models/resnet.py
-    c.model.compat = "torchvision"
-    c.model.head_layers = 2  # projection head depth: 2 SimCLRv1, 3 SimCLRv2
-    c.model.head_hidden_dim = 2048
-    c.model.head_out_dim = 128
-    c.model.head_bn = True  # BN in every head layer (SimCLR v2)
-    c.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay fp32)
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.name = "lars"  # 'lars' (pretraining), 'sgd' or 'adamw' (fine-tuning)
-    c.optim.base_lr = 0.3  # scaled by lr_scaling to the peak LR
-    c.optim.lr_scaling = "linear"  # 'linear': base*B/256, 'sqrt': base*sqrt(B), 'none'
-    c.optim.weight_decay = 1e-6
-    c.optim.momentum = 0.9
-    c.optim.trust_coefficient = 1e-3
-    c.optim.warmup_epochs = 10.0
-    c.optim.grad_clip_norm = 0.0  # 0: off
-    c.optim.constant_lr_params = ()  # top-level modules kept at the peak LR (SimSiam: predictor)
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.at_end = True  # linear probe + kNN of random-init vs pretrained encoder
-    c.eval.batch_size = 512  # feature-extraction batch (global)
-    c.eval.knn_k = 200
-    c.eval.knn_temperature = 0.1
-    # End-of-run linear probe: config.linear_eval's protocol for this many epochs (a bounded
-    # budget; data.eval_max_examples caps the examples it reads).
-    c.eval.linear_epochs = 100.0
-    c.eval.linear_batch_size = 256  # its global batch (the other keys: config.linear_eval)
-    # 'features': the fast probe on centre-crop features extracted once (shared with the kNN);
-    # 'streamed': the augmented --mode=linear_eval run, for eval.linear_epochs.
-    c.eval.linear_mode = "features"
-
-    # --mode=linear_eval: SimCLR's protocol (the ImageNet command: 90 epochs, batch 4096,
-    # momentum SGD, LR 0.1 x B/256, no warm-up, weight decay 1e-6), on streamed data.
-    c.linear_eval = ml_collections.ConfigDict()
-    c.linear_eval.epochs = 90.0
-    c.linear_eval.batch_size = 4096  # global; capped at the labelled examples
-    c.linear_eval.optimizer = "sgd"  # 'sgd' (momentum, Nesterov) or 'lars'
-    c.linear_eval.base_lr = 0.1  # peak LR = base_lr x B / 256 (lr_scaling='linear')
-    c.linear_eval.lr_scaling = "linear"  # 'linear', 'sqrt' or 'none' (as optim.lr_scaling)
-    c.linear_eval.momentum = 0.9
-    c.linear_eval.weight_decay = 1e-6
-    c.linear_eval.warmup_epochs = 0.0  # then cosine decay to 0
-    c.linear_eval.augment = True  # random resized crop + flip on device (False: centre crops)
-    c.linear_eval.knn = True  # also the weighted kNN (eval.knn_k, eval.knn_temperature)
-    # True: the fast probe on centre-crop features extracted once (small datasets); False: the
-    # protocol, streamed images with augmentation (the only choice for ImageNet-size data).
-    c.linear_eval.precompute_features = False
-
-    # --mode=finetune: SimCLR v2 semi-supervised fine-tuning (LARS, LR 0.16 x sqrt(B), batch
-    # 1024, no weight decay; 60 epochs on 1% of the labels, 30 on 10%).
-    c.finetune = ml_collections.ConfigDict()
-    c.finetune.label_fraction = 1.0  # class-balanced, seeded subset of the labels (0.01, 0.1)
-    c.finetune.subset = ""  # '1pct' / '10pct': ImageNet's official subsets; or a file of names
-    c.finetune.from_head_layer = 0  # 0: encoder features; k: after k projection-head layers
-    c.finetune.eval_every_epochs = 0.0  # test top-1/top-5 every so many epochs (0: at the end)
-    c.finetune.epochs = 60.0
-    c.finetune.batch_size = 1024  # global; capped at the labelled examples
-    c.finetune.optimizer = "lars"  # 'lars' or 'sgd' (momentum, Nesterov)
-    c.finetune.base_lr = 0.16
-    c.finetune.lr_scaling = "sqrt"
-    c.finetune.momentum = 0.9
-    c.finetune.weight_decay = 0.0
-    c.finetune.warmup_epochs = 0.0  # linear warm-up, then cosine decay over finetune.epochs
-    c.finetune.augment = True  # random resized crop + flip on device
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.enabled = False  # call jax.distributed.initialize (auto on TPU VM / SLURM)
-    c.distributed.coordinator_address = ""  # host:port; empty: auto-detect
-    c.distributed.num_processes = 0  # 0: auto-detect
-    c.distributed.process_id = -1  # -1: auto-detect
-    c.distributed.initialization_timeout = 300  # seconds before a missing coordinator fails
     return c
 
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the key, its value and what is allowed, for any bad value."""
+    """Raises ConfigError naming the key, its value and what is allowed, for any bad value."""
+    schema.check_moved(c)  # an old key first: its one line says where the key went
     method = methods.get(c.method)  # an unknown name is refused, listing the registered ones
-    check(c.dataset in DATASETS, "dataset", c.dataset, f"one of {list(DATASETS)}")
-    for key in ("batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
-        check(isinstance(c[key], int) and c[key] > 0, key, c[key], "a positive integer")
-    check(c.total_steps >= 0, "total_steps", c.total_steps, ">= 0 (0: use num_epochs)")
-    check(c.num_epochs > 0 or c.total_steps > 0, "num_epochs", c.num_epochs, "> 0")
-    check(c.temperature > 0, "temperature", c.temperature, "> 0")
-    check(c.monitor_every_steps >= 0, "monitor_every_steps", c.monitor_every_steps, ">= 0")
-    check(c.keep_period >= 0, "keep_period", c.keep_period, ">= 0")
-    check(c.loss.impl in ("dense", "blockwise"), "loss.impl", c.loss.impl, "dense/blockwise")
-    check(c.loss.chunk_size > 0, "loss.chunk_size", c.loss.chunk_size, "> 0")
-    check(
-        c.distributed.initialization_timeout > 0,
-        "distributed.initialization_timeout",
-        c.distributed.initialization_timeout,
-        "> 0 seconds",
-    )
-    check(c.data.image_size > 0, "data.image_size", c.data.image_size, "> 0")
-    check(c.data.prefetch >= 0, "data.prefetch", c.data.prefetch, ">= 0")
-    check(
-        c.data.host_size == 0 or (c.data.host_crop and c.data.host_size >= c.data.image_size),
-        "data.host_size",
-        c.data.host_size,
-        f"0, or with data.host_crop=True at least data.image_size={c.data.image_size}",
-    )
-    check(c.augment.image_size > 0, "augment.image_size", c.augment.image_size, "> 0")
-    check(
-        c.augment.crop or c.augment.image_size == c.data.image_size,
-        "augment.image_size",
-        c.augment.image_size,
-        f"equal to data.image_size={c.data.image_size} when augment.crop is False",
-    )
-    m = c.model
-    check(m.depth in (18, 34, 50, 101, 152, 200), "model.depth", m.depth, "18/34/50/101/152/200")
-    check(
-        m.width_multiplier in (1, 2, 3, 4), "model.width_multiplier", m.width_multiplier, "1/2/3/4"
-    )
-    check(0 <= m.sk_ratio <= 1, "model.sk_ratio", m.sk_ratio, "in [0, 1] (0.0625: SimCLR v2)")
-    check(
-        m.compat in ("torchvision", "simclr_tf"), "model.compat", m.compat, "torchvision/simclr_tf"
-    )
-    check(m.base_width > 0, "model.base_width", m.base_width, "> 0")
-    check(m.stem in ("imagenet", "cifar"), "model.stem", m.stem, "'imagenet' or 'cifar'")
-    check(m.head_layers >= 1, "model.head_layers", m.head_layers, ">= 1")
-    check(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "float32/bfloat16")
-    o = c.optim
-    check(o.name in ("lars", "sgd", "adamw"), "optim.name", o.name, "lars/sgd/adamw")
-    check(o.base_lr > 0, "optim.base_lr", o.base_lr, "> 0")
-    check(
-        o.lr_scaling in ("linear", "sqrt", "none"),
-        "optim.lr_scaling",
-        o.lr_scaling,
-        "linear/sqrt/none",
-    )
-    check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
-    check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, ">= 0")
-    f = c.finetune
-    check(0 < f.label_fraction <= 1, "finetune.label_fraction", f.label_fraction, "in (0, 1]")
-    check(f.from_head_layer >= 0, "finetune.from_head_layer", f.from_head_layer, ">= 0")
-    check(f.eval_every_epochs >= 0, "finetune.eval_every_epochs", f.eval_every_epochs, ">= 0")
-    check(
-        not (f.subset and f.label_fraction < 1),
-        "finetune.label_fraction",
-        f.label_fraction,
-        f"1.0 with finetune.subset={f.subset!r} (a subset already picks the labels)",
-    )
-    for name in ("linear_eval", "finetune"):
-        s = c[name]
-        check(s.epochs > 0, f"{name}.epochs", s.epochs, "> 0")
-        check(
-            isinstance(s.batch_size, int) and s.batch_size > 0,
-            f"{name}.batch_size",
-            s.batch_size,
-            "a positive integer",
-        )
-        check(s.optimizer in ("sgd", "lars"), f"{name}.optimizer", s.optimizer, "'sgd' or 'lars'")
-        check(s.base_lr > 0, f"{name}.base_lr", s.base_lr, "> 0")
-        check(
-            s.lr_scaling in ("linear", "sqrt", "none"),
-            f"{name}.lr_scaling",
-            s.lr_scaling,
-            "linear/sqrt/none",
-        )
-        check(s.weight_decay >= 0, f"{name}.weight_decay", s.weight_decay, ">= 0")
-        check(s.warmup_epochs >= 0, f"{name}.warmup_epochs", s.warmup_epochs, ">= 0")
-    check(c.eval.linear_epochs > 0, "eval.linear_epochs", c.eval.linear_epochs, "> 0")
-    check(
-        isinstance(c.eval.linear_batch_size, int) and c.eval.linear_batch_size > 0,
-        "eval.linear_batch_size",
-        c.eval.linear_batch_size,
-        "a positive integer",
-    )
-    check(
-        c.eval.linear_mode in ("features", "streamed"),
-        "eval.linear_mode",
-        c.eval.linear_mode,
-        "'features' or 'streamed'",
-    )
-    check(c.eval.knn_k > 0, "eval.knn_k", c.eval.knn_k, "> 0")
-    check(c.eval.batch_size > 0, "eval.batch_size", c.eval.batch_size, "> 0")
+    schema.validate_shared(c)
     method.validate(c)  # the method's own keys, once the shared ones are known to be sane
 
 
-# Keys that change only cadence, resources or reporting: a resumed run may change them freely.
-RESUME_SAFE_KEYS = (
-    "log_every_steps",
-    "monitor_every_steps",
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-    "keep_period",
-    "eval.",
-    "data.prefetch",
-    "data.num_threads",
-    "data.data_dir",
-    "data.manual_dir",
-    "distributed.",
-    "init_from",
-    "finetune.",
-)
+def config_diff(saved: dict[str, Any], new: dict[str, Any], job: str = "pretrain") -> list[str]:
+    """Lines `key: saved -> new` for each key whose change alters what a resumed `job` computes.
 
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config dict as `{'a.b.c': value}` (dotted keys, as `--config.a.b.c` names them)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Lines `key: saved -> new` for every key whose change alters what a resumed run computes.
-
-    A key the saved run predates counts as its `base_config` default: code without the key
-    behaved as the default does (new keys keep the old behaviour at their default).
+    A key the saved run predates counts as its `base_config` default (code without the key
+    behaved as the default does), and a saved moved key counts under its new name.
     """
-    a, b = flatten(saved), flatten(new)
-    defaults = flatten(base_config().to_dict())
-    a.update({k: defaults[k] for k in set(b) - set(a) if k in defaults})
-    lines = []
-    for key in sorted(set(a) | set(b)):
-        if key.startswith(RESUME_SAFE_KEYS) or a.get(key) == b.get(key):
-            continue
-        lines.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
-    return lines
+    defaults = base_config().to_dict()
+    return resume.config_diff(saved, new, defaults, resume.safe_keys(job))
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as config.json holds it (JSON types: tuples as lists)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def saved_job(run_dir: str) -> str | None:
+    """The job a run dir holds: `job.json`'s, 'pretrain' for checkpoints without it, else None."""
+    marker = os.path.join(run_dir, JOB_FILE)
+    if os.path.exists(marker):
+        with open(marker) as f:
+            return json.load(f).get("job")
+    # Pretraining wrote no job.json before record_run: its checkpoints mark the dir.
+    return "pretrain" if os.path.isdir(checkpoint.checkpoint_dir(run_dir)) else None
+
+
+def check_resume(
+    config: ml_collections.ConfigDict, run_dir: str, job: str, allow_change: bool
+) -> None:
+    """Refuses a run dir of another job, or a saved config that differs in keys `job` computes with.
+
+    Resume-safe keys: `config/resume.py`'s RESUME_SAFE_KEYS[job]; keys the saved run predates
+    count as their defaults and moved keys under their new names. Reads, never writes.
+    """
+    safe = resume.safe_keys(job)  # an unknown job is refused before the dir is read
+    other = saved_job(run_dir)
+    if other not in (None, job):
+        raise ValueError(
+            f"{run_dir} holds a {_JOB_LABELS.get(other, other)} run; --mode={job} needs its own "
+            "--workdir (nothing there was changed)."
+        )
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    diffs = resume.config_diff(saved, _config_dict(config), base_config().to_dict(), safe)
+    if diffs and not allow_change:
+        lines = "\n  ".join(diffs)
+        raise ValueError(
+            f"{run_dir} holds a {_JOB_LABELS.get(job, job)} run with a different config; "
+            f"resuming would change it:\n  {lines}\n"
+            "Use another --workdir, or pass --allow_config_change to resume anyway."
+        )
+
+
+def record_run(config: ml_collections.ConfigDict, run_dir: str, job: str) -> None:
+    """Process 0 writes `job.json` and `config.json` (a differing old one kept as config.<t>.json).
+
+    Each atomically (temp file + rename): a run killed mid-write leaves the old file or the new.
+    """
+    if jax.process_index() != 0:
+        return
+    resume.safe_keys(job)  # refuses an unknown job name
+    os.makedirs(run_dir, exist_ok=True)
+    files.write_json_atomic(os.path.join(run_dir, JOB_FILE), {"job": job})
+    path = os.path.join(run_dir, CONFIG_FILE)
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if old == text:
+            return
+        # A copy, not a rename: config.json exists at every moment, so a resume always checks.
+        files.write_text_atomic(os.path.join(run_dir, f"config.{int(time.time())}.json"), old)
+    files.write_text_atomic(path, text)
 
 
 def sibling_config(
@@ -315,9 +142,6 @@ def sibling_config(
 
     Loads by path, so configs work from any working directory without being a package.
     """
-    import importlib.util
-    import os
-
     path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
     spec = importlib.util.spec_from_file_location(f"simclr_config_{name}", path)
     if spec is None or spec.loader is None:

@@ -17,16 +17,8 @@ import ml_collections  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-MODES = (
-    "pretrain",
-    "linear_eval",
-    "finetune",
-    "export",
-    "export_torch",
-    "import_official",
-    "report",
-    "preview_augment",
-)
+from simclr_jax.config import moved  # noqa: E402  (imports no JAX)
+from simclr_jax.config.modes import MODE_NAMES  # noqa: E402  (imports no JAX)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -69,17 +61,28 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
+def _frames_in(e: BaseException, path: str) -> list[traceback.FrameSummary]:
+    """The traceback frames of `e` in the file `path`, outermost first."""
+    target = os.path.abspath(path)
+    return [
+        f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == target
+    ]
+
+
 def _where(e: BaseException, path: str) -> str:
     """`line N` of the config file where `e` was raised (the innermost frame in that file)."""
     if isinstance(e, SyntaxError):
         return ""  # its message already ends in "(file, line N)"
-    target = os.path.abspath(path)
-    lines = [
-        f.lineno
-        for f in traceback.extract_tb(e.__traceback__)
-        if os.path.abspath(f.filename) == target
-    ]
-    return f" (line {lines[-1]})" if lines else ""
+    frames = _frames_in(e, path)
+    return f" (line {frames[-1].lineno})" if frames else ""
+
+
+def _moved_key_in(e: BaseException, path: str) -> str | None:
+    """The moved key a config file's failing line uses (`c.loss.impl = ...`), or None."""
+    if not isinstance(e, AttributeError | KeyError):
+        return None
+    frames = _frames_in(e, path)
+    return moved.moved_in_source(frames[-1].line or "") if frames else None
 
 
 class _CheckedConfigFileParser(flags.ArgumentParser):
@@ -138,6 +141,11 @@ class _CheckedConfigFileParser(flags.ArgumentParser):
         except Exception as e:
             if debug:
                 raise
+            old = _moved_key_in(e, file_path)
+            if old is not None:  # `c.loss.impl = ...`: the section is gone, name the new key
+                raise ConfigFileError(
+                    f"{prefix}: {moved.moved_message(old)}{_where(e, file_path)}"
+                ) from None
             raise ConfigFileError(
                 f"{prefix}: get_config() raised {_one_line(e)}{_where(e, file_path)}"
             ) from None
@@ -153,7 +161,7 @@ class _CheckedConfigFileParser(flags.ArgumentParser):
 
 FLAGS["config"].parser = _CheckedConfigFileParser("config", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
-flags.DEFINE_enum("mode", "pretrain", MODES, "What to run.")
+flags.DEFINE_enum("mode", "pretrain", MODE_NAMES, "What to run.")
 flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir even if its saved config differs."
 )
@@ -222,6 +230,9 @@ def main(argv: list[str]) -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with a one-line error for an unknown or mistyped config key."""
+    old = moved.moved_in_args(argv[1:])
+    if old is not None:  # `--config.temperature=...`: name the key's new place, not a typo
+        raise SystemExit(f"error: {moved.moved_message(old)}")
     try:
         return FLAGS(argv)
     except ConfigFileError as e:

@@ -154,5 +154,5 @@ def test_train_step_selects_blockwise_by_config():
     np.testing.assert_allclose(block[0], dense[0], **TOL)
     for key in dense[1]:
         np.testing.assert_allclose(block[1][key], dense[1][key], err_msg=key, **TOL)
-    with pytest.raises(ValueError, match="loss.impl='ring'"):
+    with pytest.raises(ValueError, match="simclr.loss_impl='ring'"):
         simclr.sharded_nt_xent(mesh, T, impl="ring")

@@ -12,9 +12,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--config.tempersture=0.1"], 'Did you mean "temperature"'),
+        (["--config.batch_sise=1"], 'Did you mean "batch_size"'),
         (["--config.batch_size=abc"], "--config.batch_size=abc"),
-        (["--config.temperature=-1"], "config.temperature=-1.0 is invalid: > 0"),
+        (["--config.simclr.temperature=-1"], "config.simclr.temperature=-1.0 is invalid: > 0"),
         (["--config.model.depth=19"], "config.model.depth=19 is invalid"),
         (["--mode=train"], "--mode=train"),
         (
@@ -142,3 +142,40 @@ def test_unwritable_existing_workdir_is_refused_and_kept(tmp_path):
         workdir.chmod(0o700)
     _assert_one_line_error(proc, f"--workdir={workdir} cannot be written", "Permission denied")
     assert _snapshot(workdir) == {"config.json": b"{}"}
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config.temperature=0.5"], "config.temperature moved to config.simclr.temperature"),
+        (["--config.loss.impl=blockwise"], "config.loss.impl moved to config.simclr.loss_impl"),
+        (["--config.loss.decoupled"], "config.loss.decoupled moved to config.simclr.decoupled"),
+    ],
+)
+def test_an_old_key_on_the_command_line_names_its_new_place(tmp_path, args, message):
+    proc = _run([f"--config={REPO}/configs/digits.py", f"--workdir={tmp_path / 'w'}", *args])
+    _assert_one_line_error(proc, message)
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        # Sets a dead key on the unlocked config: refused when the config is validated.
+        ("c.temperature = 0.3", "config.temperature moved to config.simclr.temperature"),
+        # The old section is gone: refused while the file loads, naming the line.
+        ('c.loss.impl = "blockwise"', "config.loss.impl moved to config.simclr.loss_impl (line 6)"),
+    ],
+)
+def test_an_old_key_in_a_config_file_names_its_new_place(tmp_path, line, message):
+    config = tmp_path / "old.py"
+    config.write_text(
+        "from simclr_jax.config_base import sibling_config\n\n\n"
+        "def get_config():\n"
+        f"    c = sibling_config({str(REPO + '/configs/x.py')!r}, 'digits')\n"
+        f"    {line}\n"
+        "    return c\n"
+    )
+    proc = _run([f"--config={config}", f"--workdir={tmp_path / 'w'}"])
+    _assert_one_line_error(proc, message)
+    assert not (tmp_path / "w" / "checkpoints").exists()

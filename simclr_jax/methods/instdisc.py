@@ -58,7 +58,7 @@ def config_defaults() -> ml_collections.ConfigDict:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    """Momentum in [0, 1), K > 0, temperature > 0, a known loss, no decoupled loss."""
+    """Momentum in [0, 1), K > 0, temperature > 0, a known loss."""
     ic = c.instdisc
     check(0 <= ic.bank_momentum < 1, "instdisc.bank_momentum", ic.bank_momentum, "in [0, 1)")
     check(
@@ -69,7 +69,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
     )
     check(ic.temperature > 0, "instdisc.temperature", ic.temperature, "> 0")
     check(ic.loss in LOSSES, "instdisc.loss", ic.loss, f"one of {list(LOSSES)}")
-    check(not c.loss.decoupled, "loss.decoupled", c.loss.decoupled, "False for method='instdisc'")
 
 
 def bank_rows(num_examples: int) -> int:

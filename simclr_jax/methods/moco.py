@@ -261,7 +261,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
         "in [0, 1), or -1 to derive it from the run length",
     )
     check(mc.temperature > 0, "moco.temperature", mc.temperature, "> 0")
-    check(not c.loss.decoupled, "loss.decoupled", c.loss.decoupled, "False for method='moco'")
 
 
 def resolve(c: ml_collections.ConfigDict, total_steps: int, num_train_examples: int) -> list[str]:

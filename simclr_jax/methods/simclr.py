@@ -1,7 +1,7 @@
 """SimCLR (Chen et al. 2020): NT-Xent over the global batch of both views.
 
-Keys: the top-level `temperature` and `loss.{impl,chunk_size,decoupled}` (SimCLR is the
-default method, so its keys predate the per-method sections).
+Keys: `config.simclr.{temperature,loss_impl,loss_chunk_size,decoupled}` (until the per-method
+sections they were the top-level `temperature` and `loss.*`; see `simclr_jax/config/moved.py`).
 """
 
 from __future__ import annotations
@@ -11,14 +11,20 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import ml_collections
 import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from simclr_jax import losses
+from simclr_jax.config.checks import check
 from simclr_jax.methods import base
 from simclr_jax.methods.state import TrainState, make_views, online_linear_metrics, step_key
 from simclr_jax.runtime import parallel
+
+# 'dense': each device's rows x the gathered batch; 'blockwise': the same value in chunks of
+# candidate columns (an online log-sum-exp), for global batches whose logits do not fit.
+LOSS_IMPLS = ("dense", "blockwise")
 
 
 def sharded_nt_xent(
@@ -42,7 +48,7 @@ def sharded_nt_xent(
     elif impl == "dense":
         loss_fn = losses.nt_xent_with_metrics
     else:
-        raise ValueError(f"config.loss.impl={impl!r} is not one of ['dense', 'blockwise']")
+        raise ValueError(f"config.simclr.loss_impl={impl!r} is not one of {list(LOSS_IMPLS)}")
     return jax.shard_map(
         functools.partial(
             loss_fn,
@@ -75,12 +81,13 @@ def train_step(
     x = make_views(step_key(state), batch["image"], config, batch.get("crop"))
     labels = batch["label"]
     batch_size = labels.shape[0]
+    sc = config.simclr
     nt_xent = sharded_nt_xent(
         mesh,
-        config.temperature,
-        decoupled=config.loss.decoupled,
-        impl=config.loss.impl,
-        chunk_size=config.loss.chunk_size,
+        sc.temperature,
+        decoupled=sc.decoupled,
+        impl=sc.loss_impl,
+        chunk_size=sc.loss_chunk_size,
     )
 
     def loss_fn(params):
@@ -108,10 +115,37 @@ def train_step(
     )
 
 
+def config_defaults() -> ml_collections.ConfigDict:
+    """`config.simclr`: NT-Xent at SimCLR's ImageNet temperature, computed densely."""
+    c = ml_collections.ConfigDict()
+    c.temperature = 0.1  # NT-Xent temperature
+    c.loss_impl = "dense"  # one of LOSS_IMPLS
+    c.loss_chunk_size = 1024  # candidate columns per block for loss_impl='blockwise'
+    c.decoupled = False  # decoupled NT-Xent (DCL): the positive left out of the denominator
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Temperature > 0, a known loss implementation, a positive chunk size."""
+    sc = c.simclr
+    check(sc.temperature > 0, "simclr.temperature", sc.temperature, "> 0")
+    check(
+        sc.loss_impl in LOSS_IMPLS, "simclr.loss_impl", sc.loss_impl, f"one of {list(LOSS_IMPLS)}"
+    )
+    check(
+        isinstance(sc.loss_chunk_size, int) and sc.loss_chunk_size > 0,
+        "simclr.loss_chunk_size",
+        sc.loss_chunk_size,
+        "a positive integer",
+    )
+
+
 METHOD = base.register(
     base.Method(
         name="simclr",
         train_step=train_step,
         summary="NT-Xent over the global batch (SimCLR v1/v2)",
+        config_defaults=config_defaults,
+        validate=validate,
     )
 )
