@@ -209,23 +209,28 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from simclr_jax import checkpoint, data
-    from simclr_jax import modes as run_modes
-    from simclr_jax.runtime import parallel
+    from simclr_jax import checkpoint, data, modes
+    from simclr_jax.runtime import parallel, workdir_lock
 
     try:
-        run_modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
+        result = modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
     except (
         ValueError,
         FloatingPointError,
         data.DatasetNotAvailableError,
         checkpoint.CheckpointError,
         parallel.DistributedInitError,
+        workdir_lock.WorkdirLockedError,
+        OSError,  # e.g. a full disk while writing metrics: errno, reason and path in one line
     ) as e:
         # Our errors name the bad value and the fix; SIMCLR_DEBUG=1 shows the traceback too.
         if os.environ.get("SIMCLR_DEBUG") == "1":
             raise
         raise SystemExit(f"error: {e}") from None
+    if isinstance(result, dict) and result.get("preempted"):
+        # Saved and stopped on a preemption notice: a distinct status tells a scheduler or a
+        # retry loop "resume me" apart from success (0) and errors (1).
+        raise SystemExit(modes.PREEMPTED_EXIT_STATUS)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -8,6 +8,8 @@ from typing import Any
 
 import ml_collections
 
+from simclr_jax.config.modes import MODE_NAMES
+
 log = logging.getLogger(__name__)
 
 
@@ -127,17 +129,24 @@ def preview_augment_mode(
     return path
 
 
+# The entry point of each name in `config.modes.MODE_NAMES` (the one list of modes), in its order.
 MODES = {
     "pretrain": pretrain,
-    "export": export,
     "linear_eval": linear_eval,
     "finetune": finetune_mode,
+    "export": export,
     "export_torch": export_torch_mode,
     "import_official": import_official_mode,
     "report": report_mode,
     "preview_augment": preview_augment_mode,
 }
+if tuple(MODES) != MODE_NAMES:
+    raise RuntimeError(f"modes.MODES {tuple(MODES)} differs from config.modes {MODE_NAMES}")
 
+
+# The exit status of a run that saved a checkpoint and stopped on a preemption notice (SIGTERM,
+# or JAX's preemption sync on several hosts): sysexits' EX_TEMPFAIL, "temporary failure, retry".
+PREEMPTED_EXIT_STATUS = 75
 
 # Modes that only read a run (a report of a run in progress, a preview) take no lock.
 READ_ONLY_MODES = ("report", "preview_augment")
@@ -146,7 +155,7 @@ READ_ONLY_MODES = ("report", "preview_augment")
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str, allow_change: bool) -> Any:
     """Runs `mode` holding the workdir's lock; ValueError naming the modes for an unknown one."""
     if mode not in MODES:
-        raise ValueError(f"--mode={mode!r} is not one of {sorted(MODES)}")
+        raise ValueError(f"--mode={mode!r} is not one of {list(MODE_NAMES)}")
     if mode in READ_ONLY_MODES:
         return MODES[mode](config, workdir, allow_change)
     from simclr_jax.runtime import parallel, workdir_lock

@@ -10,10 +10,10 @@ from jax.sharding import PartitionSpec as P
 from tiny import load_config, model_and_optimizer, tiny_config
 from tolerances import EPS32, assert_trees_close, fp32_rtol
 
-from simclr_jax import checkpoint, config_base, data, losses
+from simclr_jax import checkpoint, config_base, data, losses, modes
 from simclr_jax.data import datasets
 from simclr_jax.methods import instdisc
-from simclr_jax.pretrain import train
+from simclr_jax.pretrain import state as pretrain_state
 from simclr_jax.runtime import parallel
 
 STEPS = 30
@@ -42,8 +42,8 @@ def _hand_run(config, devices, steps):
     """`steps` steps on `devices`: host copies of every state, the batches and the metrics."""
     mesh = parallel.make_mesh(devices)
     model, tx, schedule = model_and_optimizer(config)
-    state = train.create_train_state(config, model, tx, mesh)
-    step_fn = train.compile_train_step(config, model, tx, schedule, mesh)
+    state = pretrain_state.create_train_state(config, model, tx, mesh)
+    step_fn = pretrain_state.compile_train_step(config, model, tx, schedule, mesh)
     it = data.pretrain_iterator(config, with_index=True)
     states, batches, metrics = [jax.device_get(state)], [], []
     for _ in range(steps):
@@ -283,14 +283,14 @@ def test_resume_is_bit_exact(run, tmp_path):
     workdir = str(tmp_path / "run")
     mesh = parallel.make_mesh()
     model, tx, _ = model_and_optimizer(config)
-    shardings = train.state_shardings(config, model, tx, mesh)
+    shardings = pretrain_state.state_shardings(config, model, tx, mesh)
     manager = checkpoint.create_manager(workdir)
     checkpoint.save(
         manager, 2, jax.device_put(r["states"][2], shardings), {"step": 2, "data_step": 2}
     )
     manager.wait_until_finished()
     manager.close()
-    final = train.train_and_evaluate(config, workdir)["state"]
+    final = modes.pretrain(config, workdir)["state"]
     assert final.method_state["bank"].sharding.spec == P("data")
     final = jax.device_get(final)
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(r["states"][-1]), strict=True):

@@ -7,9 +7,10 @@ import pytest
 from tiny import model_and_optimizer, tiny_config
 from tolerances import assert_trees_close, fp32_rtol
 
-from simclr_jax import checkpoint, config_base, data, losses, methods
+from simclr_jax import checkpoint, config_base, data, losses, methods, modes
 from simclr_jax.evals import classifier as downstream
 from simclr_jax.methods import base, byol
+from simclr_jax.pretrain import state as pretrain_state
 from simclr_jax.pretrain import train
 from simclr_jax.runtime import parallel
 
@@ -40,8 +41,8 @@ def _hand_run(config, devices, steps):
     """`steps` steps on `devices`; host copies of every state (the step donates its input)."""
     mesh = parallel.make_mesh(devices)
     model, tx, schedule = model_and_optimizer(config)
-    state = train.create_train_state(config, model, tx, mesh)
-    step_fn = train.compile_train_step(config, model, tx, schedule, mesh)
+    state = pretrain_state.create_train_state(config, model, tx, mesh)
+    step_fn = pretrain_state.compile_train_step(config, model, tx, schedule, mesh)
     it = data.pretrain_iterator(config)
     states, metrics = [jax.device_get(state)], []
     for _ in range(steps):
@@ -178,7 +179,7 @@ def test_resume_is_bit_exact(run, tmp_path):
     checkpoint.save(manager, 2, state2, {"step": 2, "data_step": 2})
     manager.wait_until_finished()
     manager.close()
-    final = jax.device_get(train.train_and_evaluate(config, workdir)["state"])
+    final = jax.device_get(modes.pretrain(config, workdir)["state"])
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(states[-1]), strict=True):
         np.testing.assert_array_equal(a, b)
 

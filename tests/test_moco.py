@@ -11,10 +11,10 @@ import pytest
 from tiny import load_config, model_and_optimizer, tiny_config
 from tolerances import fp32_atol
 
-from simclr_jax import checkpoint, config_base, data, losses
+from simclr_jax import checkpoint, config_base, data, losses, modes
 from simclr_jax.methods import moco
 from simclr_jax.methods.state import make_views, step_key
-from simclr_jax.pretrain import train
+from simclr_jax.pretrain import state as pretrain_state
 from simclr_jax.runtime import parallel
 
 MOMENTUM = 0.99  # far enough from 1 that the EMA visibly moves the key encoder
@@ -38,8 +38,10 @@ def run():
     mesh = parallel.make_mesh()
     assert mesh.devices.size == 8
     model, tx, schedule = model_and_optimizer(config)
-    state = train.create_train_state(config, model, tx, mesh)
-    step_fn = train.compile_train_step(config, model, tx, schedule, mesh, total_steps=STEPS)
+    state = pretrain_state.create_train_state(config, model, tx, mesh)
+    step_fn = pretrain_state.compile_train_step(
+        config, model, tx, schedule, mesh, total_steps=STEPS
+    )
     it = data.pretrain_iterator(config)
     states, batches, metrics = [jax.device_get(state)], [], []
     for _ in range(STEPS):
@@ -167,7 +169,7 @@ def test_train_resume_restores_the_queue(run, tmp_path):
     config, model, states, _, _, step_fn = run
     full = str(tmp_path / "full")
     with jax.transfer_guard("disallow"):  # the MoCo loop stays on device, like SimCLR's
-        final = jax.device_get(train.train_and_evaluate(config, full)["state"])
+        final = jax.device_get(modes.pretrain(config, full)["state"])
     # The loop computes what the hand-run steps computed.
     _close(final.method_state, states[-1].method_state, rtol=1e-5, atol=1e-6)
 
@@ -179,7 +181,7 @@ def test_train_resume_restores_the_queue(run, tmp_path):
     # The checkpoint holds the queue: restoring onto the abstract state gives it back exactly.
     mesh = parallel.make_mesh()
     _, tx, _ = model_and_optimizer(config)
-    abstract = train.abstract_train_state(config, model, tx, mesh)
+    abstract = pretrain_state.abstract_train_state(config, model, tx, mesh)
     assert abstract.method_state["queue"].shape == (2 * config.batch_size, 16)
 
     def restore(workdir):

@@ -61,7 +61,7 @@ KEY_CONFIG = (
     "batch_size",
     "total_steps",
     "num_epochs",
-    "temperature",
+    "simclr.temperature",
     "model.depth",
     "model.width_multiplier",
     "model.base_width",

@@ -46,10 +46,16 @@ class MetricWriter:
                 self._tb.add_scalar(k, float(v), int(step))
 
     def close(self) -> None:
-        """Flushes and closes the files."""
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        """Flushes and closes the files; a failing flush (a full disk) is logged, not raised.
+
+        Closing runs in the jobs' `finally`, where raising would hide the error that stopped
+        the run (e.g. the failed checkpoint save that a full disk caused first).
+        """
+        for name in ("_jsonl", "_tb"):
+            f, _ = getattr(self, name), setattr(self, name, None)
+            if f is None:
+                continue
+            try:
+                f.close()
+            except OSError as e:
+                log.warning("closing the metrics (%s): %s", name.strip("_"), e)
