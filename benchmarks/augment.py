@@ -18,6 +18,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# train_step.py, next to this file, also when this module is imported rather than run.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(image_size: int, batch_size: int, steps: int, host_size: int = 0) -> dict:
@@ -64,18 +66,25 @@ def run(image_size: int, batch_size: int, steps: int, host_size: int = 0) -> dic
     }
 
 
-def main() -> None:
-    """Parses flags, runs each size, prints the table."""
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image_size", type=int, action="append")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--host_size", type=int, default=0, help="H x H unions plus crop boxes")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parses flags, runs each size, prints the table; returns its rows."""
+    args = parser().parse_args(argv)
     from train_step import print_table
 
     sizes = args.image_size or [32, 224]
-    print_table([run(s, args.batch_size, args.steps, args.host_size) for s in sizes])
+    rows = [run(s, args.batch_size, args.steps, args.host_size) for s in sizes]
+    print_table(rows)
+    return rows
 
 
 if __name__ == "__main__":

@@ -60,7 +60,16 @@ def float64_kernel_grad(x, g, stride: int):
     return np.array(taps)
 
 
-def conv_row(side: int, cin: int, cout: int, stride: int, batch: int, chunk_counts) -> list[str]:
+def conv_row(
+    side: int,
+    cin: int,
+    cout: int,
+    stride: int,
+    batch: int,
+    chunk_counts: list[int],
+    calls: int = 20,
+    rounds: int = 3,
+) -> list[str]:
     """The table cells of one conv: its three passes' ms, then the chunked kernel gradients'."""
     import jax
     import numpy as np
@@ -87,27 +96,36 @@ def conv_row(side: int, cin: int, cout: int, stride: int, batch: int, chunk_coun
         chunked = cpu_conv.chunked_kernel_grad(conv, cpu_conv.batch_ranges(batch, chunks))
         return jax.vjp(lambda k: chunked(x, k), w)[1](g)[0]
 
+    timing = {"calls": calls, "rounds": rounds}
     cells = [
         f"3x3 s{stride}, {side}x{side}, {cin} -> {cout}",
-        f"{best_ms(conv, x, w):.2f}",
-        f"{best_ms(input_grad, w, g):.2f}",
-        f"{best_ms(kernel_grad, x, g):.2f}",
+        f"{best_ms(conv, x, w, **timing):.2f}",
+        f"{best_ms(input_grad, w, g, **timing):.2f}",
+        f"{best_ms(kernel_grad, x, g, **timing):.2f}",
     ]
     ref = float64_kernel_grad(x, g, stride) if chunk_counts else None
     for c in chunk_counts:
         chunked = functools.partial(kernel_grad, chunks=c)
-        ms = best_ms(chunked, x, g)
+        ms = best_ms(chunked, x, g, **timing)
         err = np.max(np.abs(np.asarray(jax.jit(chunked)(x, g), np.float64) - ref))
         cells.append(f"{ms:.2f} ({err / np.max(np.abs(ref)):.1e})")
     return cells
 
 
-def main() -> None:
-    """Parses flags, times each conv, prints a Markdown table."""
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--chunks", default="", help="comma-separated chunk counts for the kernel grad")
-    args = p.parse_args()
+    p.add_argument("--calls", type=int, default=20, help="calls per timed round")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds (the best is shown)")
+    p.add_argument("--convs", type=int, default=len(CONVS), help="time the first N convs only")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[list[str]]:
+    """Parses flags, times each conv, prints a Markdown table; returns its rows."""
+    args = parser().parse_args(argv)
     from simclr_jax.runtime import platform_flags
 
     platform_flags.set_cpu_flags()
@@ -116,9 +134,13 @@ def main() -> None:
     head += [f"kernel grad, {c} chunks ms (error)" for c in chunk_counts]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for side, cin, cout, stride in CONVS:
-        cells = conv_row(side, cin, cout, stride, args.batch, chunk_counts)
+    rows = []
+    for side, cin, cout, stride in CONVS[: args.convs]:
+        timing = {"calls": args.calls, "rounds": args.rounds}
+        cells = conv_row(side, cin, cout, stride, args.batch, chunk_counts, **timing)
         print("| " + " | ".join(cells) + " |", flush=True)
+        rows.append(cells)
+    return rows
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@
     python benchmarks/downstream.py step --depth=50 --image_size=224 --batch_size=128
     python benchmarks/downstream.py rss --images=600,2400 --jpeg_size=128
 
-`step` times the real jitted `downstream._train_step` (device crop + flip, frozen encoder for
-linear evaluation, the whole network for fine-tuning) on random uint8 images already on the
-devices, compile excluded; no TensorFlow, no dataset. `rss` writes image folders of N JPEGs,
-runs `--mode=linear_eval` on each in a fresh process and reports its peak RSS: flat in N, since
-the labelled splits are streamed.
+`step` times the real jitted `evals.classifier.classifier_train_step` (device crop + flip,
+frozen encoder for linear evaluation, the whole network for fine-tuning) on random uint8 images
+already on the devices, compile excluded; no TensorFlow, no dataset. `rss` writes image folders
+of N JPEGs, runs `--mode=linear_eval` on each in a fresh process and reports its peak RSS: flat
+in N, since the labelled splits are streamed.
 """
 
 from __future__ import annotations
@@ -20,19 +20,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(args):
+def _config(args: argparse.Namespace) -> Any:
+    """The run config: --config (default the digits one) with the size flags applied."""
     from simclr_jax import config_base
 
     config = config_base.sibling_config(os.path.join(REPO, "configs", "x.py"), "digits")
     if args.config:
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("bench_config", args.config)
+        # A relative path is the repository's (configs/digits.py) from any working directory.
+        path = args.config if os.path.exists(args.config) else os.path.join(REPO, args.config)
+        spec = importlib.util.spec_from_file_location("bench_config", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         config = module.get_config()
@@ -42,27 +46,32 @@ def _config(args):
         config.model.base_width = 64
     if args.image_size:
         config.data.image_size = config.augment.image_size = args.image_size
+    if args.base_width:
+        config.model.base_width = args.base_width
     config.model.dtype = args.dtype
     return config
 
 
-def step(args) -> None:
+def step(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Times each --jobs job's train step; prints and returns one row per job."""
     import jax
     import numpy as np
 
     from simclr_jax.evals import classifier as downstream
-    from simclr_jax.runtime import parallel
+    from simclr_jax.runtime import compiled, parallel
 
     config = _config(args)
     mesh = parallel.make_mesh()
     rep, size = parallel.replicated(mesh), config.augment.image_size
     rng = np.random.default_rng(0)
     print(f"| job | model | image | batch | devices | images/s | ms/step |\n|{'---|' * 7}")
-    for job in ("linear_eval", "finetune"):
+    rows = []
+    for job in args.jobs.split(","):
         model = downstream.build_classifier(config.model, 0, 1000, freeze=job == "linear_eval")
-        variables = jax.device_get(
-            model.init(jax.random.key(0), np.zeros((2, size, size, 3), np.float32), train=False)
-        )
+        # Compiled as runs compile initialisers: an eager init compiles op by op (~20 s).
+        dummy = np.zeros((2, size, size, 3), np.float32)
+        init = compiled.jit_init(lambda m=model, x=dummy: m.init(jax.random.key(0), x, train=False))
+        variables = jax.device_get(init())
         sec = config[job]
         freeze = job == "linear_eval"
         trainable = {
@@ -82,7 +91,7 @@ def step(args) -> None:
         )
         fn = jax.jit(
             functools.partial(
-                downstream._train_step,
+                downstream.classifier_train_step,
                 model=model,
                 tx=tx,
                 schedule=schedule,
@@ -114,9 +123,12 @@ def step(args) -> None:
             f"{args.batch_size / dt:.0f} | {1000 * dt:.1f} |",
             flush=True,
         )
+        rows.append({"job": job, "images_per_s": args.batch_size / dt, "loss": float(m["loss"])})
+    return rows
 
 
 def _folder(root: str, n: int, side: int) -> None:
+    """Writes n random JPEGs of side x side px into root/c<label>/, ten classes."""
     import numpy as np
     from PIL import Image
 
@@ -128,20 +140,23 @@ def _folder(root: str, n: int, side: int) -> None:
         Image.fromarray(pixels).save(os.path.join(root, f"c{c}", f"{i}.jpg"), quality=90)
 
 
-def rss(args) -> None:
+def rss(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Peak RSS of --mode=linear_eval per folder size; prints and returns one row per size."""
     import jax
-    import numpy as np
 
     from simclr_jax import checkpoint, models
+    from simclr_jax.runtime import compiled
 
     counts = [int(x) for x in args.images.split(",")]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         config = _config(args)
-        config.model.base_width = 8
+        config.model.base_width = args.base_width or 8
         model = models.create_model(config, 10)
         size = config.augment.image_size
+        key = jax.random.key(0)
         variables = jax.device_get(
-            model.init(jax.random.key(0), np.zeros((2, size, size, 3), np.float32), train=False)
+            compiled.jit_init(lambda: models.init_variables(model, key, size))()
         )
         keep = {c: {k: variables[c][k] for k in ("encoder", "head")} for c in variables}
         export = checkpoint.export_encoder(
@@ -159,7 +174,7 @@ def rss(args) -> None:
                 f"--config.data.folder={root}",
                 f"--config.data.image_size={size}",
                 f"--config.augment.image_size={size}",
-                "--config.model.base_width=8",
+                f"--config.model.base_width={config.model.base_width}",
                 f"--config.model.head_hidden_dim={config.model.head_hidden_dim}",
                 f"--config.model.head_out_dim={config.model.head_out_dim}",
                 f"--config.init_from={export}",
@@ -180,6 +195,8 @@ def rss(args) -> None:
                 raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
             peak = int(out.stderr.rsplit("MAXRSS_KB ", 1)[1].split()[0])
             print(f"| {n} | {peak / 1024:.0f} | {time.perf_counter() - t:.0f} |", flush=True)
+            rows.append({"images": n, "peak_mib": peak / 1024})
+    return rows
 
 
 # simclr_jax.main in the child, which reports its own peak RSS (ru_maxrss, KiB on Linux) at exit.
@@ -193,19 +210,40 @@ finally:
 """
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["step", "rss"])
-    parser.add_argument("--config", default="")
-    parser.add_argument("--depth", type=int, default=0)
-    parser.add_argument("--image_size", type=int, default=0)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--images", default="600,2400")
-    parser.add_argument("--jpeg_size", type=int, default=128)
-    args = parser.parse_args()
-    step(args) if args.what == "step" else rss(args)
+def _jobs(text: str) -> str:
+    """Checks --jobs: a comma-separated list of linear_eval and finetune."""
+    unknown = sorted(set(text.split(",")) - {"linear_eval", "finetune"})
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown jobs {unknown}: use linear_eval, finetune")
+    return text
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=["step", "rss"])
+    p.add_argument("--config", default="")
+    p.add_argument("--depth", type=int, default=0)
+    p.add_argument("--image_size", type=int, default=0)
+    p.add_argument("--base_width", type=int, default=0, help="0: the config's (rss: 8)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument(
+        "--jobs",
+        default="linear_eval,finetune",
+        type=_jobs,
+        help="step: comma-separated, of linear_eval and finetune",
+    )
+    p.add_argument("--images", default="600,2400")
+    p.add_argument("--jpeg_size", type=int, default=128)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Parses flags, runs `step` or `rss`; returns the table's rows."""
+    args = parser().parse_args(argv)
+    return step(args) if args.what == "step" else rss(args)
 
 
 if __name__ == "__main__":

@@ -32,19 +32,25 @@ def detail_kept(windows: np.ndarray, host_size: int, size: int) -> np.ndarray:
     return np.sqrt((kept / np.minimum(extent, size)).prod(axis=-1)).ravel()
 
 
-def main() -> None:
-    """Prints the table for each image shape and host size."""
-    from simclr_jax import data
-
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host_size", type=int, action="append")
     p.add_argument("--size", type=int, default=224, help="view side S")
     p.add_argument("--shape", action="append", help="HEIGHTxWIDTH (default 375x500, 500x375)")
     p.add_argument("--samples", type=int, default=4000, help="images per shape")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[tuple[int, int, int, float]]:
+    """Prints the table for each image shape and host size; returns (h, w, H, mean) per row."""
+    from simclr_jax import data
+
+    args = parser().parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shape or ["375x500", "500x375"]]
     print("| image (h x w) | host_size | mean | 10th percentile | views under 0.75 |")
     print("|---|---|---|---|---|")
+    rows = []
     for height, width in shapes:
         windows = data.sample_crop_windows(height, width, 0, args.samples)
         for host_size in args.host_size or [224, 256, 288, 320]:
@@ -53,6 +59,8 @@ def main() -> None:
                 f"| {height} x {width} | {host_size} | {kept.mean():.2f} | "
                 f"{np.percentile(kept, 10):.2f} | {np.mean(kept < 0.75):.1%} |"
             )
+            rows.append((height, width, host_size, float(kept.mean())))
+    return rows
 
 
 if __name__ == "__main__":

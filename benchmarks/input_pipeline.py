@@ -13,9 +13,9 @@ Rows (timed after a warm-up; writing the files is not timed):
 * `image_folder host_size=0` (path `views`) -- the same with both views resized on the host.
 * `baseline decode_and_crop` -- plain tf.data on the same files and threads: read,
   `decode_and_crop_jpeg` of one random crop, `tf.image.resize` to 224, batch.
-* `cifar10 in-memory 32px` / `digits in-memory 16px` -- the numpy path (`datasets.memory_arrays`
-  patched to 50,000 random 32 px images for CIFAR, which is not downloaded here); one prefetch
-  thread, no tf.data, so the thread count does not apply.
+* `cifar10 in-memory 32px` / `digits in-memory 16px` -- the numpy path (`data.memory_arrays`
+  patched to `--memory_examples` (50,000) random 32 px images for CIFAR, which is not downloaded
+  here); one prefetch thread, no tf.data, so the thread count does not apply.
 
 images/s counts source images; each makes two views. `CPU ms / image` is the process's
 CPU time (all threads) per image and `cores busy` its CPU time per wall second: together they show
@@ -151,13 +151,13 @@ def wait_until_idle(poll_s: float = 0.2, busy_below: float = 0.05, timeout_s: fl
 
 
 def time_window(
-    batches: Iterator[Any], batch_size: int, skip: int, steps: int
+    batches: Iterator[Any], batch_size: int, skip: int, steps: int, idle_timeout_s: float = 60
 ) -> tuple[float, float, float]:
     """(images/s, CPU ms per image, busy cores) over `steps` batches after `skip` untimed ones."""
     # A pipeline keeps filling its prefetch buffers after its window ends; waiting for that to
     # finish keeps it from running alongside the next window. The untimed batches then drain what
     # this pipeline prefetched while it waited.
-    wait_until_idle()
+    wait_until_idle(timeout_s=idle_timeout_s)
     for _ in range(skip):
         next(batches)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -215,8 +215,8 @@ def baseline_batches(folder: str, threads: int, batch_size: int, size: int = 224
     return ds.with_options(options).as_numpy_iterator()
 
 
-def memory_batches(config_name: str, batch_size: int) -> Iterator[Any]:
-    """The numpy path of configs/<config_name>.py (CIFAR: 50,000 random 32 px images)."""
+def memory_batches(config_name: str, batch_size: int, examples: int = 50_000) -> Iterator[Any]:
+    """The numpy path of configs/<config_name>.py (CIFAR: `examples` random 32 px images)."""
     import importlib
 
     from simclr_jax import data
@@ -226,9 +226,10 @@ def memory_batches(config_name: str, batch_size: int) -> Iterator[Any]:
     if config.dataset == "digits":
         return data.pretrain_iterator(config, process_index=0, process_count=1)
     size = config.data.image_size
-    images = np.random.default_rng(0).integers(0, 256, (50_000, size, size, 3), dtype=np.uint8)
-    labels = np.arange(50_000, dtype=np.int32) % 10
-    with mock.patch.object(data, "_memory_arrays", lambda *_: (images, labels)):
+    images = np.random.default_rng(0).integers(0, 256, (examples, size, size, 3), dtype=np.uint8)
+    labels = np.arange(examples, dtype=np.int32) % 10
+    # pretrain_iterator loads the split through the package's `memory_arrays` name.
+    with mock.patch.object(data, "memory_arrays", lambda *_: (images, labels)):
         return data.pretrain_iterator(config, process_index=0, process_count=1)
 
 
@@ -263,8 +264,8 @@ def _size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def main() -> None:
-    """Parses flags, writes the JPEGs, times each path and thread count, prints the table."""
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num_images", type=int, default=768)
     p.add_argument("--batch_size", type=int, default=128)
@@ -290,7 +291,25 @@ def main() -> None:
     p.add_argument(
         "--paths", default=",".join(PATHS), help=f"comma-separated rows to run, of {PATHS}"
     )
-    args = p.parse_args()
+    p.add_argument(
+        "--memory_examples", type=int, default=50_000, help="random images of the CIFAR row"
+    )
+    p.add_argument(
+        "--idle_timeout_s",
+        type=float,
+        default=60,
+        help="longest wait before a window for the process's threads to go idle",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Parses flags, writes the JPEGs, times each path and thread count, prints the table.
+
+    Returns the table's rows.
+    """
+    p = parser()
+    args = p.parse_args(argv)
     paths = args.paths.split(",")
     unknown = sorted(set(paths) - set(PATHS))
     if unknown:
@@ -326,7 +345,8 @@ def main() -> None:
             runs.append(("baseline decode_and_crop", str(n), 1, make))
     for name, label in (("cifar10", "cifar10 in-memory 32px"), ("digits", "digits in-memory 16px")):
         if name in paths:
-            runs.append((label, "n/a", 0, functools.partial(memory_batches, name, args.batch_size)))
+            make = functools.partial(memory_batches, name, args.batch_size, args.memory_examples)
+            runs.append((label, "n/a", 0, make))
 
     # Round robin: window r of every path runs before window r + 1 of any, so drift in the
     # machine's speed (other tenants) shifts all paths alike and each ratio compares windows
@@ -337,7 +357,8 @@ def main() -> None:
         for (_, _, views, _), batches, timed in zip(runs, iterators, windows, strict=True):
             # In-memory batches take microseconds: time many more so a window is not jitter.
             steps = args.steps if views else args.steps * 100
-            timed.append(time_window(batches, args.batch_size, args.warmup, steps))
+            window = time_window(batches, args.batch_size, args.warmup, steps, args.idle_timeout_s)
+            timed.append(window)
     for batches in iterators:
         if hasattr(batches, "close"):
             batches.close()
@@ -379,6 +400,7 @@ def main() -> None:
         f"\ntarget: host_crop images/s per thread >= {TARGET_OF_BASELINE:.2f} x the baseline's "
         "at the same thread count (700 of ~880 images/s per thread on the reference machines)"
     )
+    return rows
 
 
 if __name__ == "__main__":

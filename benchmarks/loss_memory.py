@@ -107,8 +107,8 @@ def _fmt_mib(x) -> str:
     return "-" if x is None else f"{x / MIB:,.0f}"
 
 
-def main() -> None:
-    """Prints the Markdown table for global batches min_batch, 2*min_batch, ..., max_batch."""
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--min_batch", type=int, default=1024, help="smallest global batch (examples)")
     p.add_argument("--max_batch", type=int, default=16384, help="largest global batch")
@@ -128,12 +128,20 @@ def main() -> None:
     p.add_argument("--compare_rows", type=int, default=256, help="gradient rows compared")
     p.add_argument("--save_grads", default="", help=argparse.SUPPRESS)
     p.add_argument("--_row", default="", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Prints the Markdown table for global batches min_batch, 2*min_batch, ..., max_batch.
+
+    Returns the rows measured (none in a `--_row` child, which prints its row as JSON).
+    """
+    args = parser().parse_args(argv)
 
     if args._row:  # child of --isolate: one row as JSON on the last line
         batch, impl = args._row.split(",")
         print(json.dumps(measure(int(batch), impl, args)))
-        return
+        return []
 
     import tempfile
 
@@ -152,6 +160,7 @@ def main() -> None:
     print("| global batch | views | impl | temp MiB | peak MiB | ms | loss diff | grad diff |")
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     batch = args.min_batch
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         while batch <= args.max_batch:
             ref = None
@@ -178,7 +187,9 @@ def main() -> None:
                     f"| {_fmt_mib(row.get('peak_bytes'))} | {ms} | {d_loss} | {d_grad} |",
                     flush=True,
                 )
+                rows.append({**row, "loss_diff": d_loss, "grad_diff": d_grad})
             batch *= 2
+    return rows
 
 
 if __name__ == "__main__":

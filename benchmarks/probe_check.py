@@ -61,7 +61,7 @@ def check_run(workdir: str, cs: list[float], folds: int) -> list[dict[str, objec
     from simclr_jax import checkpoint, data
     from simclr_jax.evals import end_of_run as evaluate
     from simclr_jax.evals import probe
-    from simclr_jax.pretrain import train
+    from simclr_jax.pretrain import state as pretrain_state
     from simclr_jax.runtime import parallel
 
     with open(os.path.join(workdir, "config.json")) as f:
@@ -73,7 +73,7 @@ def check_run(workdir: str, cs: list[float], folds: int) -> list[dict[str, objec
     info = data.dataset_info(config)
     mesh = parallel.make_mesh()
     exported, _ = checkpoint.load_export(checkpoint.export_dir(workdir))
-    model = train.create_model(config, info.num_classes)
+    model = pretrain_state.create_model(config, info.num_classes)
     rows = []
     for name, variables in (
         ("random_init", evaluate.step0_variables(config, model)),
@@ -100,13 +100,18 @@ def check_run(workdir: str, cs: list[float], folds: int) -> list[dict[str, objec
     return rows
 
 
-def main() -> None:
-    """Parses flags, sets the CPU flags as simclr_jax.main does, prints the table."""
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("workdirs", nargs="+", help="finished pretraining workdirs (with export/)")
     p.add_argument("--cs", default=C_GRID, help="comma-separated C grid of the baseline")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds on train")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    """Parses flags, sets the CPU flags as simclr_jax.main does, prints the table; returns it."""
+    args = parser().parse_args(argv)
     try:
         cs = [float(c) for c in args.cs.split(",") if c]
     except ValueError:
@@ -132,6 +137,7 @@ def main() -> None:
         if len(mine) > 1:
             ours, base = (np.mean([r[k] for r in mine]) for k in ("probe", "lr_test"))
             print(f"| mean of {len(mine)} | {name} | {ours:.4f} | | {base:.4f} | | |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ rounding of the result and a pairwise sum's bound is log2(n) eps.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -39,16 +40,28 @@ def relative_errors(shape: tuple[int, ...], seed: int = 0) -> tuple[float, float
     return float(err), float(np.max(np.abs(s2 - ref2) / ref2))
 
 
-def main() -> None:
-    """Sets the CPU flags as simclr_jax.main does, then prints the table."""
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=512, help="views: the shapes' leading dimension")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[tuple[tuple[int, ...], float, float]]:
+    """Sets the CPU flags as simclr_jax.main does, then prints the table; returns its rows."""
+    args = parser().parse_args(argv)
     from simclr_jax.runtime import platform_flags
 
     platform_flags.set_cpu_flags()
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print("| shape | sum error | sum of squares error |\n|---|---|---|")
+    rows = []
     for shape in SHAPES:
+        shape = (args.batch, *shape[1:])
         e1, e2 = relative_errors(shape)
         print(f"| {list(shape)} | {e1:.1e} | {e2:.1e} |", flush=True)
+        rows.append((shape, e1, e2))
+    return rows
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Every row runs in a fresh process with no compilation cache, on `--devices` (vir
 devices for counts above 1), under the flags a run sets (`platform_flags.set_cpu_flags`):
 
 - `init, jax.jit (-O3)`: the train state's initialiser compiled and run as plain `jax.jit` would;
-- `init, jit_init (-O2)`: the same through `runtime_compile.jit_init`, as runs compile it now;
+- `init, jit_init (-O2)`: the same through `compiled.jit_init`, as runs compile it now;
 - `init, eager`: `model.init` op by op, as the end-of-run evaluation drew its random-init encoder;
 - `save, replica-parallel` / `save, one replica`: the first and second checkpoint saves of that
   state (orbax's default on CPU, which slices every replicated array per device, against
@@ -26,7 +26,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 KINDS = {
     "init_O3": "init, jax.jit (-O3)",
@@ -57,12 +58,13 @@ def child(args: argparse.Namespace) -> dict[str, float]:
     import jax
 
     from simclr_jax import checkpoint, data, models
-    from simclr_jax.pretrain import train
-    from simclr_jax.runtime import compile as runtime_compile
-    from simclr_jax.runtime import parallel
+    from simclr_jax.pretrain import state as pretrain_state
+    from simclr_jax.runtime import compiled, parallel
 
     config = _config(args)
-    model, tx, _ = train.model_and_optimizer(config, data.dataset_info(config).num_classes, 10)
+    model, tx, _ = pretrain_state.model_and_optimizer(
+        config, data.dataset_info(config).num_classes, 10
+    )
     size = config.augment.image_size
     mesh = parallel.make_mesh()
 
@@ -73,53 +75,75 @@ def child(args: argparse.Namespace) -> dict[str, float]:
     if args.child == "init_O3":
         jax.block_until_ready(jax.jit(init)())
     elif args.child == "init_O2":
-        jax.block_until_ready(runtime_compile.jit_init(init)())
+        jax.block_until_ready(compiled.jit_init(init)())
     elif args.child == "init_eager":
         dummy = jax.numpy.zeros((2, size, size, 3))
         jax.block_until_ready(model.init(jax.random.key(0), dummy, train=False))
     else:
-        state = jax.block_until_ready(train.create_train_state(config, model, tx, mesh))
+        state = jax.block_until_ready(pretrain_state.create_train_state(config, model, tx, mesh))
+        one_replica = checkpoint._save_each_array_from_one_replica_on_cpu
         if args.child == "save_replica_parallel":
             checkpoint._save_each_array_from_one_replica_on_cpu = lambda: None  # orbax's default
-        manager = checkpoint.create_manager(tempfile.mkdtemp(), keep=2)
         times = {}
-        for step, name in ((1, "first"), (2, "second")):
-            t = time.perf_counter()
-            checkpoint.save(manager, step, state, {"step": step})
-            manager.wait_until_finished()
-            times[name] = time.perf_counter() - t
-        manager.close()
+        try:
+            with tempfile.TemporaryDirectory() as workdir:
+                manager = checkpoint.create_manager(workdir, keep=2)
+                for step, name in ((1, "first"), (2, "second")):
+                    t = time.perf_counter()
+                    checkpoint.save(manager, step, state, {"step": step})
+                    manager.wait_until_finished()
+                    times[name] = time.perf_counter() - t
+                manager.close()
+        finally:  # a row run in the caller's process leaves checkpoint.py as it was
+            checkpoint._save_each_array_from_one_replica_on_cpu = one_replica
         return times
     return {"first": time.perf_counter() - t}
 
 
-def main() -> None:
-    """Runs every row in its own process and prints the table."""
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/digits.py")
+    p.add_argument("--config", default=os.path.join(REPO, "configs", "digits.py"))
     p.add_argument("--devices", default="1,8", help="comma-separated device counts")
     p.add_argument("--image_size", type=int, default=0, help="override (0: the config's)")
     p.add_argument("--base_width", type=int, default=0, help="override (0: the config's)")
-    p.add_argument("--child", default="", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        print(json.dumps(child(args)))
-        return
+    p.add_argument("--rows", default=",".join(KINDS), help=f"comma-separated, of {list(KINDS)}")
+    p.add_argument("--child", default="", choices=["", *KINDS], help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
+    """Runs every row in its own process and prints the table; returns {row: times per count}."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.child:  # one row's process (or a smoke run in the caller's process)
+        times = child(args)
+        print(json.dumps(times))
+        return {args.child: [times]}
+    kinds = [k for k in args.rows.split(",") if k]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        p.error(f"--rows has unknown rows {unknown}; allowed: {', '.join(KINDS)}")
     counts = [int(n) for n in args.devices.split(",")]
     print(f"| row | {' | '.join(f'{n} device(s), s' for n in counts)} |")
     print(f"|---|{'---|' * len(counts)}")
-    for kind, label in KINDS.items():
-        cells = []
+    table = {}
+    for kind in kinds:
+        cells, table[kind] = [], []
         for n in counts:
             env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION")}
             env["JAX_PLATFORMS"] = "cpu"
             env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
             cmd = [sys.executable, __file__, f"--child={kind}", f"--config={args.config}"]
             cmd += [f"--image_size={args.image_size}", f"--base_width={args.base_width}"]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if out.returncode:  # the child's own error, not only "exit status 1"
+                raise SystemExit(f"{kind} on {n} device(s) failed:\n{out.stderr[-3000:]}")
             times = json.loads(out.stdout.strip().splitlines()[-1])
+            table[kind].append(times)
             cells.append(" / ".join(f"{v:.2f}" for v in times.values()))
-        print(f"| {label} | {' | '.join(cells)} |", flush=True)
+        print(f"| {KINDS[kind]} | {' | '.join(cells)} |", flush=True)
+    return table
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@
     python benchmarks/torch_step.py --rounds=5 --steps=3 --no_augment
 
 PyTorch (dev extras only; imported here and nowhere else) runs the same network and batch as
-`configs/digits.py`: ResNet-18 layout with the CIFAR stem at base width 16, 16 px, batch 256 (512
-views), the 2-layer BN projection head (128 -> 64), the online linear head on stop-gradient
-features, NT-Xent at temperature 0.2, eager fp32, AdamW, with a cheap augmentation (random
-resized crop by `F.grid_sample` + brightness/contrast). JAX runs the real
-`train.compile_train_step` of the config (its optimizer and full augmentation unless
---no_augment), via `benchmarks/train_step.py`, with `platform_flags.set_cpu_flags()` as
+`--config` (its view side, base width and head; `--image_size` and `--base_width` shrink both
+frameworks alike), by default `configs/digits.py`: ResNet-18 layout with the CIFAR stem at base
+width 16, 16 px, batch 256 (512 views), the 2-layer BN projection head (128 -> 64), the online
+linear head on stop-gradient features, NT-Xent at temperature 0.2, eager fp32, AdamW, with a
+cheap augmentation (random resized crop by `F.grid_sample` + brightness/contrast). JAX runs
+the real `pretrain.state.compile_train_step` of the config (its optimizer and full augmentation
+unless --no_augment), via `benchmarks/train_step.py`, with `platform_flags.set_cpu_flags()` as
 `simclr_jax.main` runs it. Each round runs every framework in a fresh process of its own, one
 after another (in one shared process PyTorch's spinning OpenMP threads slowed the JAX step by a
 quarter), so all see about the same load: on a shared machine read the ratio, not the absolute
@@ -26,6 +27,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -33,7 +35,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def torch_step_fn(batch_size: int, size: int, width: int, augment: bool, threads: int):
+def torch_step_fn(
+    batch_size: int,
+    size: int,
+    width: int,
+    augment: bool,
+    threads: int,
+    head: tuple[int, int] = (128, 64),
+) -> Callable[[], float]:
     """Builds the PyTorch model, optimizer and data; returns a function running one step."""
     import torch
     import torch.nn as tnn
@@ -73,12 +82,13 @@ def torch_step_fn(batch_size: int, size: int, width: int, augment: bool, threads
                 layers += [Block(cin, cout, 1 if i == 0 else 2), Block(cout, cout, 1)]
                 cin = cout
             self.blocks = tnn.Sequential(*layers)
+            hidden, out = head
             self.head = tnn.Sequential(
-                tnn.Linear(cin, 128, bias=False),
-                tnn.BatchNorm1d(128),
+                tnn.Linear(cin, hidden, bias=False),
+                tnn.BatchNorm1d(hidden),
                 tnn.ReLU(),
-                tnn.Linear(128, 64, bias=False),
-                tnn.BatchNorm1d(64, affine=False),
+                tnn.Linear(hidden, out, bias=False),
+                tnn.BatchNorm1d(out, affine=False),
             )
             self.linear = tnn.Linear(cin, 10)
 
@@ -127,23 +137,29 @@ def torch_step_fn(batch_size: int, size: int, width: int, augment: bool, threads
     return step
 
 
-def jax_step_fn(args):
-    """Compiles the digits config's real train step; returns a function running one step."""
-    import jax  # after platform_flags.set_cpu_flags() (in measure)
-    import train_step
-
-    ns = argparse.Namespace(
+def _step_args(args: argparse.Namespace) -> argparse.Namespace:
+    """train_step.py's flags for the config's step (as `train_step.load_config` reads them)."""
+    return argparse.Namespace(
         config=args.config,
         preset="",
-        image_size=0,
-        base_width=0,
+        image_size=args.image_size,
+        base_width=args.base_width,
         batch_size=args.batch_size,
+        total_steps=args.total_steps,
+        steps_per_epoch=args.steps_per_epoch,
         dtype="",
         no_augment=args.no_augment,
         host_size=0,
         im2col_max_pixels=-1,
     )
-    step, state, batch = train_step.build(ns)
+
+
+def jax_step_fn(args: argparse.Namespace) -> Callable[[], None]:
+    """Compiles the digits config's real train step; returns a function running one step."""
+    import jax  # after platform_flags.set_cpu_flags() (in measure)
+    import train_step
+
+    step, state, batch = train_step.build(_step_args(args))
     holder = {"state": state}
 
     def run():
@@ -153,7 +169,7 @@ def jax_step_fn(args):
     return run
 
 
-def measure(args) -> None:
+def measure(args: argparse.Namespace) -> None:
     """Worker: builds one framework's step, warms it up, prints its per-step times as JSON."""
     if args.worker == "jax":
         from simclr_jax.runtime import platform_flags
@@ -161,7 +177,18 @@ def measure(args) -> None:
         platform_flags.set_cpu_flags()
         fn = jax_step_fn(args)
     else:
-        fn = torch_step_fn(args.batch_size, 16, 16, not args.no_augment, int(args.worker))
+        import train_step  # reads the config only: no TensorFlow, whose LLVM clashes with torch's
+
+        # The same network and views as the JAX step's config (its sizes and head).
+        c = train_step.load_config(_step_args(args))
+        fn = torch_step_fn(
+            args.batch_size,
+            c.augment.image_size,
+            c.model.base_width,
+            not args.no_augment,
+            int(args.worker),
+            head=(c.model.head_hidden_dim, c.model.head_out_dim),
+        )
     fn()  # warm-up (JAX compiled already; PyTorch's allocator and caches)
     fn()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -171,11 +198,15 @@ def measure(args) -> None:
     print(json.dumps({"wall": wall, "cpu": cpu}))
 
 
-def main() -> None:
-    """Parses flags, alternates the frameworks' processes round by round, prints the table."""
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/digits.py")
     p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--image_size", type=int, default=0, help="override (0: the config's)")
+    p.add_argument("--base_width", type=int, default=0, help="override (0: the config's)")
+    p.add_argument("--total_steps", type=int, default=1000, help="as train_step.py's")
+    p.add_argument("--steps_per_epoch", type=int, default=100, help="as train_step.py's")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round and framework")
     p.add_argument("--no_augment", action="store_true", help="both: feed the images unaugmented")
@@ -186,16 +217,33 @@ def main() -> None:
         "other processes load the cores); the ratio is to the fastest PyTorch row",
     )
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # 'jax' or a thread count
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[float]]:
+    """Parses flags, alternates the frameworks' processes round by round, prints the table.
+
+    Returns each row's per-round seconds per step (nothing in a `--worker` process).
+    """
+    args = parser().parse_args(argv)
     if args.worker:
         measure(args)
-        return
+        return {}
     workers = {"jax": "jax"}
     for n in args.torch_threads.split(","):
         workers[f"pytorch ({n} thread{'s' if int(n) > 1 else ''})"] = n
     times: dict[str, list[float]] = {k: [] for k in workers}
     cpu: dict[str, list[float]] = {k: [] for k in workers}
-    flags = [f"--{k}={getattr(args, k)}" for k in ("config", "batch_size", "steps")]
+    keys = (
+        "config",
+        "batch_size",
+        "image_size",
+        "base_width",
+        "total_steps",
+        "steps_per_epoch",
+        "steps",
+    )
+    flags = [f"--{k}={getattr(args, k)}" for k in keys]
     flags += ["--no_augment"] if args.no_augment else []
     for _ in range(args.rounds):
         for name, worker in workers.items():
@@ -224,6 +272,7 @@ def main() -> None:
             f"| {name} | {1e3 * med:.0f} | {med / ref:.2f} | {rounds} | {1e3 * med_cpu:.0f} "
             f"| {med_cpu / ref_cpu:.2f} |"
         )
+    return times
 
 
 if __name__ == "__main__":

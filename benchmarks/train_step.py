@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --preset=resnet50_224 --batch_size=256 --dtype=bfloat16
     python benchmarks/train_step.py --config=configs/digits.py --cpu_flags=both --with_input
 
-Runs the real `train.compile_train_step` (augmentation on device included unless
+Runs the real `pretrain.state.compile_train_step` (augmentation on device included unless
 --no_augment) on random uint8 images placed on the devices, excludes compile time, and prints
 one table row per run. Needs no TensorFlow and no dataset, except with --with_input, which also
 runs the real input pipeline of the config's dataset in a loop and reports the share of
@@ -25,7 +25,8 @@ import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 # Peak dense bf16 / fp32 FLOP/s per device kind (vendor figures), for MFU.
 PEAK_FLOPS = {
@@ -47,10 +48,12 @@ PRESETS = {
 }
 
 
-def load_config(args):
+def load_config(args: argparse.Namespace) -> Any:
     """Config from --config file or --preset, with the command-line overrides applied."""
     if args.config:
-        spec = importlib.util.spec_from_file_location("cfg", args.config)
+        # A relative path is the repository's (configs/digits.py) from any working directory.
+        path = args.config if os.path.exists(args.config) else os.path.join(REPO, args.config)
+        spec = importlib.util.spec_from_file_location("cfg", path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         c = mod.get_config()
@@ -69,7 +72,7 @@ def load_config(args):
         c.model.base_width = args.base_width
     c.batch_size = args.batch_size
     c.model.dtype = args.dtype or c.model.dtype
-    c.total_steps = 1000
+    c.total_steps = getattr(args, "total_steps", 1000)
     return c
 
 
@@ -123,7 +126,7 @@ def build(args) -> tuple[Any, Any, Any]:
     import jax
     import numpy as np
 
-    from simclr_jax.pretrain import train
+    from simclr_jax.pretrain import state as pretrain_state
     from simclr_jax.runtime import cpu_conv, parallel
 
     config = load_config(args)
@@ -133,8 +136,10 @@ def build(args) -> tuple[Any, Any, Any]:
     if chunk >= 0:  # 0: never chunk
         cpu_conv.KERNEL_GRAD_CHUNK_ELEMENTS = chunk or sys.maxsize
     mesh = parallel.make_mesh()
-    model, tx, schedule = train.model_and_optimizer(config, num_classes=10, steps_per_epoch=100)
-    state = train.create_train_state(config, model, tx, mesh)
+    model, tx, schedule = pretrain_state.model_and_optimizer(
+        config, num_classes=10, steps_per_epoch=getattr(args, "steps_per_epoch", 100)
+    )
+    state = pretrain_state.create_train_state(config, model, tx, mesh)
     size = config.data.image_size
     rng = np.random.default_rng(0)
     side = args.host_size or size
@@ -150,7 +155,7 @@ def build(args) -> tuple[Any, Any, Any]:
         config.augment.blur_prob = 0.0
         config.augment.flip = False
     batch = jax.device_put(batch, parallel.data_sharded(mesh))
-    step = train.compile_train_step(config, model, tx, schedule, mesh)
+    step = pretrain_state.compile_train_step(config, model, tx, schedule, mesh)
 
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -304,8 +309,8 @@ def print_table(rows: list[dict]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
-def main() -> None:
-    """Parses flags, runs the benchmark, prints the table."""
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="")
     p.add_argument("--preset", default="resnet18_cifar32", choices=sorted(PRESETS))
@@ -314,6 +319,10 @@ def main() -> None:
     p.add_argument("--base_width", type=int, default=0)
     p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=10)
+    # The run the step is compiled for (its LR schedule's constants; not its speed): with a run's
+    # own values the program is the one that run compiles, and loads from its compile cache.
+    p.add_argument("--total_steps", type=int, default=1000, help="the run's length")
+    p.add_argument("--steps_per_epoch", type=int, default=100, help="the run's epoch in steps")
     p.add_argument("--no_augment", action="store_true")
     p.add_argument(
         "--im2col_max_pixels",
@@ -355,35 +364,42 @@ def main() -> None:
         "--profile_dir", default="", help="also trace 3 steps there and print the top ops"
     )
     p.add_argument("--json", action="store_true", help="print the row as JSON")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parses flags, runs the benchmark, prints the table; returns its rows (none for A/Bs)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
     if args.cpu_flags == "both":
         rows = []
         for setting in ("off", "on"):
-            argv = [a for a in sys.argv[1:] if not a.startswith("--cpu_flags")]
+            rest = [a for a in argv if not a.startswith("--cpu_flags")]
             out = subprocess.run(
-                [sys.executable, __file__, *argv, f"--cpu_flags={setting}", "--json"],
+                [sys.executable, __file__, *rest, f"--cpu_flags={setting}", "--json"],
                 check=True,
                 capture_output=True,
                 text=True,
             ).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
         print_table(rows)
-        return
+        return rows
     if args.cpu_flags == "on":
         from simclr_jax.runtime import platform_flags
 
         platform_flags.set_cpu_flags()
     if args.compare_im2col:
         compare(args, "im2col_max_pixels", [int(v) for v in args.compare_im2col.split(",")])
-        return
+        return []
     if args.compare_kernel_grad_chunks:
         values = [int(v) for v in args.compare_kernel_grad_chunks.split(",")]
         compare(args, "kernel_grad_chunk_elements", values)
-        return
+        return []
     row = run(args)
     print(json.dumps(row) if args.json else "", end="\n" if args.json else "")
     if not args.json:
         print_table([row])
+    return [row]
 
 
 if __name__ == "__main__":
