@@ -16,7 +16,7 @@ def get_config():
     c.batch_size = 256
     # ~107 epochs of the 1437 training digits. 400 steps left kNN at 0.944-0.964 over seeds 0-2;
     # 600 keeps it >= 0.95 over seeds 0-4 (0.953-0.978 on one CPU, 0.956-0.972 on another;
-    # docs/benchmarks.md, benchmarks/digits_sweep.py).
+    # docs/benchmarks_history.md, benchmarks/digits_sweep.py).
     c.total_steps = 600
     # t = 0.3 over 0.2: kNN >= 0.95 on seeds 0-2 at 400 steps (0.2: 0.917 on seed 1).
     c.simclr.temperature = 0.3
@@ -28,7 +28,7 @@ def get_config():
     c.augment.image_size = 16
     # Crops of >= 30% of the digit: 0.2 left the linear probe at 0.978-0.986 over seeds 0-4
     # (mean 0.983), 0.3 gives 0.983-0.992 there (mean 0.988; seeds 0-9: 0.981-0.992, mean
-    # 0.987) and kNN 0.950-0.969 (docs/benchmarks.md, 2026-12-03). Much smaller crops of an
+    # 0.987) and kNN 0.950-0.969 (docs/benchmarks_history.md, 2026-12-03). Much smaller crops of an
     # 8x8 digit leave no digit.
     c.augment.area_min = 0.3
     c.augment.flip = False  # a mirrored 2 is not a 2

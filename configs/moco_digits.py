@@ -3,9 +3,9 @@
     python -m simclr_jax.main --config=configs/moco_digits.py --workdir=runs/moco_digits
 
 Same data, augmentations, encoder and optimizer as configs/digits.py, at its earlier run length
-of 400 steps (the one docs/methods.md's figures and SimCLR's 400-step rows in docs/benchmarks.md
-were measured at); only the objective changes. Equivalent to `--config=configs/digits.py
---config.method=moco --config.total_steps=400 --config.moco.queue_size=1024
+of 400 steps (the one docs/methods.md's figures and SimCLR's 400-step rows in
+docs/benchmarks_history.md were measured at); only the objective changes. Equivalent to
+`--config=configs/digits.py --config.method=moco --config.total_steps=400 --config.moco.queue_size=1024
 --config.moco.momentum=0.99`. See docs/methods.md.
 """
 

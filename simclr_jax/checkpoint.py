@@ -22,7 +22,10 @@ from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT_VERSION = 1
+# 2: every `model` key is written. Version-1 exports predate three keys; their meaning then is
+# the value below (plain torchvision-layout ResNets, heads whose last BN had a scale).
+EXPORT_FORMAT_VERSION = 2
+_V1_MODEL_DEFAULTS = {"sk_ratio": 0.0, "compat": "torchvision", "head_out_scale": True}
 
 # Reads of one checkpoint before it counts as unreadable, and the pause before the n-th retry
 # (n times this): a cloud bucket's transient errors pass within seconds. Tests set it to 0.
@@ -50,7 +53,7 @@ def _save_each_array_from_one_replica_on_cpu() -> None:
     Orbax's default elsewhere (replica-parallel saving) cuts every replicated array into one
     slice per device with eager `slice` ops, each compiled per shape and device: the first
     save of the tiny test state over 8 CPU devices took 5.7 s against 0.4 s this way
-    (docs/benchmarks.md), for one host that writes every byte either way. TPU hosts keep
+    (docs/benchmarks_history.md), for one host that writes every byte either way. TPU hosts keep
     orbax's default, where the slices spread the writes over hosts.
     """
     if jax.default_backend() != "cpu":
@@ -377,6 +380,19 @@ def _same_on_all_processes(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
+def _migrate_export_meta(meta: dict[str, Any], path: str) -> dict[str, Any]:
+    """An export's description in the current format (older ones filled in, newer refused)."""
+    version = int(meta.get("format_version", 1))
+    if version > EXPORT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written in export format {version} by a newer simclr_jax; this version "
+            f"reads formats up to {EXPORT_FORMAT_VERSION}: upgrade simclr_jax to read it"
+        )
+    if version < 2:
+        meta = {**meta, "model": {**_V1_MODEL_DEFAULTS, **meta["model"]}}
+    return {**meta, "format_version": EXPORT_FORMAT_VERSION}
+
+
 def load_export(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Reads an export as `(variables, description)`; numpy-backed, no mesh needed."""
     path = os.path.abspath(path)
@@ -388,6 +404,7 @@ def load_export(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     with open(meta_path) as f:
         meta = json.load(f)
+    meta = _migrate_export_meta(meta, path)
     try:
         variables = ocp.StandardCheckpointer().restore(os.path.join(path, "variables"))
     except Exception as e:

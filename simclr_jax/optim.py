@@ -99,7 +99,7 @@ def make_optimizer(
     """
     oc = config.optim
     schedule = make_schedule(config, steps_per_epoch)
-    constant = tuple(oc.get("constant_lr_params", ()))
+    constant = tuple(oc.constant_lr_params)
     unknown = sorted(set(constant) - set(params))
     if unknown:
         raise ValueError(
@@ -118,6 +118,6 @@ def make_optimizer(
             },
             lambda p: jax.tree_util.tree_map_with_path(lambda path, _: labels[path[0].key], p),
         )
-    if oc.get("grad_clip_norm", 0.0) > 0:
+    if oc.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(oc.grad_clip_norm), tx)
     return tx, schedule

@@ -10,8 +10,7 @@ import pytest
 from tiny import init, tiny_config
 
 from simclr_jax import checkpoint, data, models, modes
-from simclr_jax.data import datasets
-from simclr_jax.data import labelled as labelled_data
+from simclr_jax.data import datasets, labelled
 from simclr_jax.evals import finetune
 
 # The first names of google-research/simclr imagenet_subsets/1percent.txt (12,811 lines).
@@ -75,7 +74,7 @@ def test_streamed_linear_eval_learns_and_resumes_after_a_kill(folder, export, tm
     # SIGTERM during step 7 of 24 (the loop fetches batch 7 one step ahead): the run saves step
     # 7 and stops; the rerun resumes the tf.data stream there by skipping 7 batches.
     killed = str(tmp_path / "killed")
-    real = labelled_data.labelled_train_iterator
+    real = labelled.labelled_train_iterator
 
     def terminated(*args, **kwargs):
         it = real(*args, **kwargs)
@@ -84,11 +83,11 @@ def test_streamed_linear_eval_learns_and_resumes_after_a_kill(folder, export, tm
                 os.kill(os.getpid(), signal.SIGTERM)
             yield next(it)
 
-    labelled_data.labelled_train_iterator = terminated
+    labelled.labelled_train_iterator = terminated
     try:
         stopped = modes.linear_eval(config, killed)
     finally:
-        labelled_data.labelled_train_iterator = real
+        labelled.labelled_train_iterator = real
     assert stopped["preempted"] and not os.path.exists(os.path.join(killed, "linear_eval.json"))
     assert sorted(os.listdir(checkpoint.checkpoint_dir(killed))) == ["7"]
     resumed = modes.linear_eval(config, killed)
@@ -115,9 +114,7 @@ def test_subset_file_of_official_names_selects_those_images(folder, tmp_path):
     assert sorted(os.path.basename(p) for p in paths) == sorted(
         OFFICIAL_1PCT_HEAD[::2]
     )  # n04239074: no such class here
-    it = labelled_data.labelled_train_iterator(
-        config, 2, keep=keep, process_index=0, process_count=1
-    )
+    it = labelled.labelled_train_iterator(config, 2, keep=keep, process_index=0, process_count=1)
     assert sorted(next(it)["label"].tolist()) == [0, 1]
 
 
@@ -127,18 +124,18 @@ def test_official_subset_reads_the_tfds_subset_builder(monkeypatch):
     config.data.image_size = config.augment.image_size = 8
     config.finetune.subset = "10pct"
     built = []
-    real = labelled_data.tfds_builder
+    real = labelled.tfds_builder
 
     def spy(c):
         built.append(c.dataset)
         return real(c)
 
-    monkeypatch.setattr(labelled_data, "tfds_builder", spy)
+    monkeypatch.setattr(labelled, "tfds_builder", spy)
     with tfds.testing.mock_data(num_examples=6):
         keep, subset = finetune.selection(config)
-        n = labelled_data.labelled_size(config, "train", subset=subset)
+        n = labelled.labelled_size(config, "train", subset=subset)
         batch = next(
-            labelled_data.labelled_train_iterator(
+            labelled.labelled_train_iterator(
                 config, 4, subset=subset, process_index=0, process_count=1
             )
         )
@@ -161,9 +158,9 @@ def test_a_dataset_without_labels_is_refused_at_start(export, tmp_path, monkeypa
         class info:  # noqa: N801
             features = {"image": None}
 
-    monkeypatch.setattr(labelled_data, "tfds_builder", lambda config: Unlabelled())
+    monkeypatch.setattr(labelled, "tfds_builder", lambda config: Unlabelled())
     info = data.DatasetInfo("stl10", 10, 1, 1, 8)
-    for module in (data, labelled_data):
+    for module in (data, labelled):
         monkeypatch.setattr(module, "dataset_info", lambda config: info)
     config = tiny_config(dataset="stl10", init_from=export)
     with pytest.raises(ValueError, match="dataset='stl10' has no labels for split 'test'"):

@@ -13,9 +13,8 @@ import pytest
 from tiny import tiny_config
 
 from simclr_jax import checkpoint, modes
-from simclr_jax.data import labelled as labelled_data
-from simclr_jax.evals import classifier as downstream
-from simclr_jax.evals import finetune, linear_eval
+from simclr_jax.data import labelled
+from simclr_jax.evals import classifier, finetune, linear_eval
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,7 @@ class Killed(Exception):
 
 def _kill_after(monkeypatch, batches):
     """The next run's train stream dies after `batches` batches (like SIGKILL: no final save)."""
-    real = labelled_data.labelled_train_iterator
+    real = labelled.labelled_train_iterator
 
     def dying(*args, **kwargs):
         it = real(*args, **kwargs)
@@ -63,7 +62,7 @@ def _kill_after(monkeypatch, batches):
             yield next(it)
         raise Killed
 
-    monkeypatch.setattr(labelled_data, "labelled_train_iterator", dying)
+    monkeypatch.setattr(labelled, "labelled_train_iterator", dying)
 
 
 def _leaves(tree):
@@ -144,10 +143,10 @@ def test_top5_on_a_hand_made_example():
         np.float32,
     )
     labels = np.array([6, 5, 1])
-    np.testing.assert_array_equal(downstream.topk_correct(logits, labels, 1), [True, False, False])
-    np.testing.assert_array_equal(downstream.topk_correct(logits, labels, 5), [True, False, True])
+    np.testing.assert_array_equal(classifier.topk_correct(logits, labels, 1), [True, False, False])
+    np.testing.assert_array_equal(classifier.topk_correct(logits, labels, 5), [True, False, True])
     # k beyond the classes: every label counts.
-    assert bool(np.all(downstream.topk_correct(logits[:, :3], np.array([0, 1, 2]), 5)))
+    assert bool(np.all(classifier.topk_correct(logits[:, :3], np.array([0, 1, 2]), 5)))
 
 
 def _assert_untouched(workdir, before):
@@ -183,3 +182,19 @@ def test_bad_input_is_refused_at_start_naming_the_value(pretrained, tmp_path):
     with pytest.raises(ValueError, match="holds a pretraining run"):
         finetune.finetune(_config(export), pretrained)
     _assert_untouched(pretrained, before)
+
+
+def test_results_record_the_export_architecture_not_the_overridden_config(
+    pretrained, tmp_path, caplog
+):
+    config = _config(init_from=os.path.join(pretrained, "export"))
+    config.linear_eval.precompute_features = True  # the fast probe: this test is about the file
+    config.linear_eval.epochs = 1.0
+    config.model.base_width = 8  # the export is base width 4: ignored, and said so
+    with caplog.at_level("WARNING"):
+        result = modes.run("linear_eval", config, str(tmp_path), False)
+    lines = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(lines) == 1 and "model.base_width=8 (the encoder has 4)" in lines[0], lines
+    saved = json.load(open(tmp_path / "linear_eval.json"))
+    assert saved["model"]["base_width"] == 4 == saved["config"]["model"]["base_width"]
+    assert saved["model"] == result["model"]

@@ -6,7 +6,7 @@ import pytest
 from tiny import tiny_config
 
 from simclr_jax import data
-from simclr_jax.data import labelled as labelled_data
+from simclr_jax.data import labelled
 from simclr_jax.evals import knn
 from simclr_jax.runtime import parallel
 
@@ -51,7 +51,7 @@ def test_eval_batches_visit_every_example_exactly_once(process_count):
     want_x, want_y = data.eval_arrays(config, "test")  # 360 digits
     seen_x, seen_y, counts = [], [], []
     for p in range(process_count):
-        batches, n = labelled_data.eval_batches(
+        batches, n = labelled.eval_batches(
             config, "test", 96, process_index=p, process_count=process_count
         )
         got = list(batches)

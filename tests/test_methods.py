@@ -8,7 +8,7 @@ from tiny import model_and_optimizer, tiny_config
 from tolerances import assert_trees_close, fp32_rtol
 
 from simclr_jax import checkpoint, config_base, data, losses, methods, modes
-from simclr_jax.evals import classifier as downstream
+from simclr_jax.evals import classifier
 from simclr_jax.methods import base, byol
 from simclr_jax.pretrain import state as pretrain_state
 from simclr_jax.pretrain import train
@@ -215,11 +215,11 @@ def test_simsiam_head_ends_in_an_affine_free_bn_that_exports_and_fine_tunes(sims
     assert meta["model"]["head_out_scale"] is False
     ft = config.copy_and_resolve_references()
     ft.init_from = export
-    source = downstream.load_source(ft, "finetune")
-    model = downstream.build_classifier(
+    source = classifier.load_source(ft, "finetune")
+    model = classifier.build_classifier(
         source.model_config, config.model.head_layers, 10, freeze=False
     )
-    variables = downstream.initial_variables(model, source, config.augment.image_size)
+    variables = classifier.initial_variables(model, source, config.augment.image_size)
     np.testing.assert_array_equal(
         variables["batch_stats"]["head"][last]["var"], states[-1].batch_stats["head"][last]["var"]
     )

@@ -241,12 +241,11 @@ def test_queue_size_is_validated_and_capped_to_the_dataset():
     config_base.validate_config(config)  # the 65536 default is a multiple of 256
     # 1437 digits: the largest multiple of the batch that fits is 5 * 256.
     assert moco.queue_size(config, num_train_examples=1437) == 1280
-    assert moco.queue_size(config) == 1280
     config.moco.queue_size = 1000
     with pytest.raises(config_base.ConfigError, match="moco.queue_size=1000.*multiple"):
         config_base.validate_config(config)
     with pytest.raises(ValueError, match="positive multiple of the global batch size"):
-        moco.queue_size(config)
+        moco.queue_size(config, num_train_examples=1437)
     config.moco.queue_size = 512
     config.simclr.decoupled = True  # SimCLR's own key: MoCo neither reads nor refuses it
     config_base.validate_config(config)

@@ -7,7 +7,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = (
-    "from simclr_jax import platform_flags as p; p.set_cpu_flags(); import os, jax; "
+    "from simclr_jax.runtime import platform_flags as p; p.set_cpu_flags(); import os, jax; "
     "print('flags=' + os.environ.get('XLA_FLAGS', '')); "
     "print(jax.config.read('jax_cpu_enable_async_dispatch'))"
 )
@@ -40,7 +40,7 @@ def test_set_cpu_flags_and_its_opt_out():
 
 
 def test_keep_freed_memory_where_glibc_is():
-    code = "from simclr_jax import platform_flags as p; print(p.keep_freed_memory())"
+    code = "from simclr_jax.runtime import platform_flags as p; print(p.keep_freed_memory())"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True
     )

@@ -10,7 +10,7 @@ from tiny import loop_config, model_and_optimizer, tiny_config
 from tolerances import assert_trees_close, fp32_rtol
 
 from simclr_jax import config_base, data, models, modes
-from simclr_jax.evals import end_of_run as evaluate
+from simclr_jax.evals import end_of_run
 from simclr_jax.pretrain import state as pretrain_state
 from simclr_jax.runtime import parallel
 
@@ -127,7 +127,7 @@ def test_one_step_from_a_trained_state_is_device_count_invariant(runs):
 def test_initialisation_at_O2_has_the_bits_of_the_default_compile(runs):
     """`jit_init`'s -O2 compile gives the default -O3 compile's bits: the run's step-0 encoder.
 
-    And the end-of-run evaluation's random-init encoder (`evaluate.step0_variables`:
+    And the end-of-run evaluation's random-init encoder (`end_of_run.step0_variables`:
     `init_variables` of fold_in(seed, 0) alone) is that run's step-0 state, bit for bit.
     """
     config, _, _ = runs
@@ -137,7 +137,7 @@ def test_initialisation_at_O2_has_the_bits_of_the_default_compile(runs):
         key = jax.random.fold_in(jax.random.key(config.seed), 0)
         return models.init_variables(model, key, config.augment.image_size)
 
-    fast = jax.device_get(evaluate.step0_variables(config, model))
+    fast = jax.device_get(end_of_run.step0_variables(config, model))
     default = jax.device_get(jax.jit(init)())
     state = jax.device_get(
         pretrain_state.create_train_state(config, model, tx, parallel.make_mesh())
@@ -265,11 +265,11 @@ def test_end_of_run_evaluation_in_both_linear_modes():
     # it stays at chance for these 80 steps. Centre crops and LR 10 let both modes learn.
     config.linear_eval.augment, config.linear_eval.base_lr = False, 10.0
     model = pretrain_state.create_model(config, 10)
-    source = evaluate.encoder_source(config, evaluate.step0_variables(config, model), "step0")
+    source = end_of_run.encoder_source(config, end_of_run.step0_variables(config, model), "step0")
     mesh = parallel.make_mesh()
-    fast = evaluate.evaluate_encoder(config, source, mesh, 10)
+    fast = end_of_run.evaluate_encoder(config, source, mesh, 10)
     config.eval.linear_mode = "streamed"
-    streamed = evaluate.evaluate_encoder(config, source, mesh, 10)
+    streamed = end_of_run.evaluate_encoder(config, source, mesh, 10)
     assert streamed["knn"] == fast["knn"] and streamed["knn_top5"] == fast["knn_top5"]
     for result in (fast, streamed):
         assert result["linear"] >= 0.35  # chance is 0.1; 0.46 (fast) and 0.44 (streamed) here

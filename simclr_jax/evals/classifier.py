@@ -2,16 +2,15 @@
 
 Linear evaluation (frozen encoder, BN in inference mode, stop-gradient) and fine-tuning (the whole
 network or from projection-head layer k, global BN) train the same `Classifier` with a different
-trainable set; `downstream_run.run_classifier` is their loop. Here: loading the encoder (an export
-or a pretraining state) with its shapes checked, the jitted train step (device crop + flip), the
-streamed top-1 / top-5 evaluation over the whole eval split, and the result file.
+trainable set; `classifier_run.run_classifier` runs them in the run loop. Here: loading the
+encoder (an export or a pretraining state) with its shapes checked, the jitted train step (device
+crop + flip), the streamed top-1 / top-5 evaluation over the whole eval split, the result file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -27,8 +26,8 @@ import optax
 from jax.sharding import Mesh
 
 from simclr_jax import augment, checkpoint, models, optim
-from simclr_jax.data import labelled as labelled_data
-from simclr_jax.runtime import compiled, cpu_conv, parallel
+from simclr_jax.data import labelled
+from simclr_jax.runtime import compiled, cpu_conv, files, keys, parallel
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +92,39 @@ def source_from_state(model_config: ml_collections.ConfigDict, state: Any, path:
     """A pretraining train state's encoder and head as a Source (numpy, off the devices)."""
     params, stats = jax.device_get((state.params, state.batch_stats))
     variables = {
-        "params": {"encoder": params["encoder"], "head": params.get("head", {})},
+        "params": {"encoder": params["encoder"], "head": params["head"]},
         "batch_stats": {"encoder": stats["encoder"], "head": stats.get("head", {})},
     }
-    return Source(model_config, variables, path)
+    # As an export describes it: the run's architecture plus what the method built of the head.
+    described = ml_collections.ConfigDict(
+        {
+            **model_config.to_dict(),
+            "head_out_scale": models.head_out_scale(model_config, params["head"]),
+        }
+    )
+    return Source(described, variables, path)
+
+
+def config_as_run(config: ml_collections.ConfigDict, source: Source) -> dict[str, Any]:
+    """The run's config as it ran: `model` is the source encoder's architecture, not config's."""
+    return {**config.to_dict(), "model": source.model_config.to_dict()}
+
+
+def report_overrides(config: ml_collections.ConfigDict, source: Source) -> list[str]:
+    """Logs in one line every `config.model` value the source's architecture overrides."""
+    ours, theirs = config.model.to_dict(), source.model_config.to_dict()
+    diffs = [
+        f"model.{k}={ours[k]!r} (the encoder has {theirs[k]!r})"
+        for k in sorted(theirs)
+        if k in ours and ours[k] != theirs[k]
+    ]
+    if diffs:
+        log.warning(
+            "%s: using the encoder's own architecture; these config values are ignored: %s",
+            source.path,
+            "; ".join(diffs),
+        )
+    return diffs
 
 
 def build_classifier(
@@ -110,9 +138,9 @@ def build_classifier(
         )
     head = None
     if from_head_layer > 0:
-        # Exports before 2026-12-02 have no head_out_scale: their heads all had the scale.
-        out_scale = model_config.get("head_out_scale", True)
-        head = models.create_head(model_config, out_scale, num_used=from_head_layer)
+        head = models.create_head(
+            model_config, model_config.head_out_scale, num_used=from_head_layer
+        )
     return Classifier(
         models.create_encoder(model_config, conv=cpu_conv.for_backend()), head, num_classes, freeze
     )
@@ -185,7 +213,7 @@ def classifier_train_step(
     seed: int,
 ) -> tuple[ClassifierState, dict[str, jax.Array]]:
     """One supervised update on a crop + flip view; BN statistics are global (the whole batch)."""
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 11), state.step)
+    key = jax.random.fold_in(keys.derive(seed, keys.CLASSIFIER_STEPS), state.step)
     x = augment.views(key, batch["image"], aug_cfg, num_views=1)[0]
 
     def loss_fn(params):
@@ -244,7 +272,7 @@ def evaluate_classifier(
             out_shardings=rep,
         ),
     )
-    batches, n = labelled_data.eval_batches(
+    batches, n = labelled.eval_batches(
         config, "test", global_batch(config.eval.batch_size, mesh), max_examples=max_examples
     )
     total = jnp.zeros((3,), jnp.int32)
@@ -277,6 +305,7 @@ def make_optimizer(
             "total_steps": total,
             "num_epochs": float(section.epochs),
             "optim": {
+                "constant_lr_params": (),
                 "name": section.optimizer,
                 "base_lr": section.base_lr,
                 "lr_scaling": section.lr_scaling,
@@ -297,10 +326,7 @@ def write_result(workdir: str, name: str, result: dict[str, Any]) -> str:
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         clean = {k: v for k, v in result.items() if k != "variables"}
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(clean, f, indent=2, default=float)
-        os.replace(tmp, path)
+        files.write_json_atomic(path, clean, indent=2, default=float)
     return path
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from simclr_jax import checkpoint, config_base
-from simclr_jax.data import labelled as labelled_data
+from simclr_jax.data import labelled
 from simclr_jax.evals.classifier import (
     Classifier,
     ClassifierState,
@@ -102,8 +102,8 @@ def run_classifier(
     'num_labels', 'steps', 'epochs', 'history', 'variables', 'preempted'}`.
     """
     sec = run.section
-    labelled_data.labelled_size(config, "test")  # refuses a dataset without labels before writing
-    num_labels = labelled_data.labelled_size(
+    labelled.labelled_size(config, "test")  # refuses a dataset without labels before writing
+    num_labels = labelled.labelled_size(
         config, "train", keep=run.keep, subset=run.subset, max_examples=run.max_examples
     )
     keep = run.keep
@@ -173,7 +173,7 @@ def run_classifier(
     spec = loop.Run(
         name=run.job,
         step_fn=lambda s, b: jitted(s, frozen, b),
-        host_batches=lambda: labelled_data.labelled_train_iterator(
+        host_batches=lambda: labelled.labelled_train_iterator(
             config,
             batch,
             keep=keep,

@@ -1,13 +1,12 @@
 """End-of-pretraining evaluation: a short linear evaluation + kNN, random init vs pretrained.
 
-Both run on the downstream machinery (`downstream_run.run_classifier`, `knn.knn_evaluate`): streamed
+Both run on the classifier machinery (`classifier_run.run_classifier`, `knn.knn_evaluate`): streamed
 labelled data, a classifier trained on device, a sharded kNN bank. The budget is bounded by
 `config.eval.linear_epochs` and `config.data.eval_max_examples`; nothing is checkpointed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -17,30 +16,28 @@ import ml_collections
 from jax.sharding import Mesh
 
 from simclr_jax import data
-from simclr_jax.evals import classifier as downstream
-from simclr_jax.evals import classifier_run as downstream_run
-from simclr_jax.evals import knn, probe
+from simclr_jax.evals import classifier, classifier_run, knn, probe
 from simclr_jax.models import init_variables
-from simclr_jax.runtime import parallel
+from simclr_jax.runtime import files, keys, parallel
 from simclr_jax.runtime.compiled import jit_init
 
 log = logging.getLogger(__name__)
 
 
 def frozen_encoder(
-    source: downstream.Source, num_classes: int, image_size: int, mesh: Mesh
-) -> tuple[downstream.Classifier, Any]:
+    source: classifier.Source, num_classes: int, image_size: int, mesh: Mesh
+) -> tuple[classifier.Classifier, Any]:
     """A linear-evaluation classifier on `source` and its variables, replicated over `mesh`."""
-    model = downstream.build_classifier(source.model_config, 0, num_classes, freeze=True)
-    variables = downstream.initial_variables(model, source, image_size)
+    model = classifier.build_classifier(source.model_config, 0, num_classes, freeze=True)
+    variables = classifier.initial_variables(model, source, image_size)
     return model, jax.device_put(variables, parallel.replicated(mesh))
 
 
 def feature_banks(
-    config: ml_collections.ConfigDict, model: downstream.Classifier, variables: Any, mesh: Mesh
+    config: ml_collections.ConfigDict, model: classifier.Classifier, variables: Any, mesh: Mesh
 ) -> list[tuple[jax.Array, jax.Array]]:
     """The train and test splits' centre-crop feature banks, capped at eval_max_examples."""
-    apply_fn = downstream.apply_encoder(model)
+    apply_fn = classifier.apply_encoder(model)
     cap = config.data.eval_max_examples
     return [
         knn.feature_bank(apply_fn, variables, config, mesh, split, 0, cap)
@@ -60,13 +57,13 @@ def probe_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 def step0_variables(config: ml_collections.ConfigDict, model: Any) -> dict[str, Any]:
     """The pretraining run's step-0 variables (its own jitted init of fold_in(seed, 0))."""
     # Compiled as the run compiles it: the same bits (an eager op-by-op init rounds differently).
-    key = jax.random.fold_in(jax.random.key(config.seed), 0)
+    key = keys.derive(config.seed, keys.INIT_PARAMS)
     return jit_init(lambda: init_variables(model, key, config.augment.image_size))()
 
 
 def encoder_source(
     config: ml_collections.ConfigDict, variables: Any, path: str
-) -> downstream.Source:
+) -> classifier.Source:
     """The encoder part of a pretraining model's `{params, batch_stats}` as a host Source."""
     enc = jax.device_get(
         {
@@ -74,12 +71,12 @@ def encoder_source(
             "batch_stats": {"encoder": variables["batch_stats"]["encoder"]},
         }
     )
-    return downstream.Source(config.model, enc, path)
+    return classifier.Source(config.model, enc, path)
 
 
 def evaluate_encoder(
     config: ml_collections.ConfigDict,
-    source: downstream.Source,
+    source: classifier.Source,
     mesh: Mesh,
     num_classes: int,
 ) -> dict[str, float]:
@@ -87,7 +84,7 @@ def evaluate_encoder(
 
     `eval.linear_mode='features'`: one streamed pass per split into sharded feature banks that
     serve both the fast linear probe and the kNN; 'streamed': the augmented linear evaluation
-    run (`downstream_run.run_classifier`) for `eval.linear_epochs`, then the kNN.
+    run (`classifier_run.run_classifier`) for `eval.linear_epochs`, then the kNN.
     """
     model, variables = frozen_encoder(source, num_classes, config.augment.image_size, mesh)
     banks = feature_banks(config, model, variables, mesh)
@@ -96,8 +93,8 @@ def evaluate_encoder(
         lin = probe.probe_on_banks(config, banks, num_classes, section, mesh)
     else:
         cap = config.data.eval_max_examples
-        run = downstream_run.ClassifierRun("eval", model, variables, section, max_examples=cap)
-        lin = downstream_run.run_classifier(config, run, mesh, None, show_progress=False)
+        run = classifier_run.ClassifierRun("eval", model, variables, section, max_examples=cap)
+        lin = classifier_run.run_classifier(config, run, mesh, None, show_progress=False)
     nn = knn.knn_on_banks(
         *banks,
         mesh,
@@ -142,7 +139,6 @@ def evaluate_run(
         for kind, value in evaluate_encoder(config, source, mesh, info.num_classes).items():
             results.setdefault(kind, {})[name] = value
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        files.write_json_atomic(os.path.join(workdir, "eval.json"), results, indent=2)
         print(format_table(results), flush=True)
     return results

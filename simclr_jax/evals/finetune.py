@@ -20,9 +20,8 @@ import ml_collections
 import numpy as np
 
 from simclr_jax import config_base, data
-from simclr_jax.data import labelled as labelled_data
-from simclr_jax.evals import classifier as downstream
-from simclr_jax.evals import classifier_run as downstream_run
+from simclr_jax.data import labelled
+from simclr_jax.evals import classifier, classifier_run
 from simclr_jax.runtime import parallel
 
 log = logging.getLogger(__name__)
@@ -47,14 +46,14 @@ def selection(config: ml_collections.ConfigDict) -> tuple[np.ndarray | None, str
     """(train indices to use or None, official subset name or '') of `config.finetune`."""
     f = config.finetune
     if f.subset:
-        if f.subset in labelled_data.OFFICIAL_SUBSETS:
-            labelled_data.labelled_size(
+        if f.subset in labelled.OFFICIAL_SUBSETS:
+            labelled.labelled_size(
                 config, "train", subset=f.subset
             )  # refuses a non-ImageNet dataset
             return None, f.subset
-        return labelled_data.subset_indices(config, f.subset), ""
+        return labelled.subset_indices(config, f.subset), ""
     if f.label_fraction < 1:
-        return label_subset(labelled_data.train_labels(config), f.label_fraction, config.seed), ""
+        return label_subset(labelled.train_labels(config), f.label_fraction, config.seed), ""
     return None, ""
 
 
@@ -68,15 +67,16 @@ def finetune(
     config_base.validate_config(config)
     parallel.maybe_initialize_distributed(config)
     mesh = parallel.make_mesh()
-    source = downstream.load_source(config, "finetune")
+    source = classifier.load_source(config, "finetune")
     info = data.dataset_info(config)
+    classifier.report_overrides(config, source)
     f = config.finetune
-    model = downstream.build_classifier(
+    model = classifier.build_classifier(
         source.model_config, f.from_head_layer, info.num_classes, freeze=False
     )
-    variables = downstream.initial_variables(model, source, config.augment.image_size)
+    variables = classifier.initial_variables(model, source, config.augment.image_size)
     keep, subset = selection(config)
-    run = downstream_run.ClassifierRun(
+    run = classifier_run.ClassifierRun(
         "finetune",
         model,
         variables,
@@ -85,7 +85,7 @@ def finetune(
         subset=subset,
         eval_every_epochs=f.eval_every_epochs,
     )
-    result = downstream_run.run_classifier(
+    result = classifier_run.run_classifier(
         config, run, mesh, workdir, allow_change=allow_config_change
     )
     if result["preempted"]:
@@ -96,9 +96,10 @@ def finetune(
         label_fraction=float(f.label_fraction),
         subset=f.subset,
         from_head_layer=int(f.from_head_layer),
-        config=config.to_dict(),
+        model=source.model_config.to_dict(),
+        config=classifier.config_as_run(config, source),
     )
-    downstream.write_result(workdir, "finetune", result)
+    classifier.write_result(workdir, "finetune", result)
     if jax.process_index() == 0:
         print(
             f"fine-tuned top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "

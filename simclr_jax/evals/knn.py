@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax.data import labelled as labelled_data
+from simclr_jax.data import labelled
 from simclr_jax.runtime import compiled, parallel
 
 
@@ -48,7 +48,7 @@ def feature_bank(
     """
     n = mesh.devices.size
     batch = max(n, (batch_size or config.eval.batch_size) // n * n)
-    batches, nb = labelled_data.eval_batches(config, split, batch, max_examples=max_examples)
+    batches, nb = labelled.eval_batches(config, split, batch, max_examples=max_examples)
     rep, sharded, bank_sh = (
         parallel.replicated(mesh),
         parallel.data_sharded(mesh),

@@ -16,9 +16,7 @@ import jax
 import ml_collections
 
 from simclr_jax import config_base, data
-from simclr_jax.evals import classifier as downstream
-from simclr_jax.evals import classifier_run as downstream_run
-from simclr_jax.evals import knn, probe
+from simclr_jax.evals import classifier, classifier_run, knn, probe
 from simclr_jax.runtime import parallel
 
 log = logging.getLogger(__name__)
@@ -33,7 +31,7 @@ def run_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 def linear_eval(
     config: ml_collections.ConfigDict,
     workdir: str,
-    source: downstream.Source,
+    source: classifier.Source,
     allow_config_change: bool = False,
 ) -> dict[str, Any]:
     """Linear evaluation of the frozen encoder `source` (an export or a pretraining state)."""
@@ -41,29 +39,35 @@ def linear_eval(
     parallel.maybe_initialize_distributed(config)
     mesh = parallel.make_mesh()
     info = data.dataset_info(config)
-    model = downstream.build_classifier(source.model_config, 0, info.num_classes, freeze=True)
-    variables = downstream.initial_variables(model, source, config.augment.image_size)
+    classifier.report_overrides(config, source)
+    model = classifier.build_classifier(source.model_config, 0, info.num_classes, freeze=True)
+    variables = classifier.initial_variables(model, source, config.augment.image_size)
     section = config.linear_eval
     if section.precompute_features:
         result = _fast_probe(config, model, variables, mesh, info.num_classes)
     else:
-        run = downstream_run.ClassifierRun("linear_eval", model, variables, section)
-        result = downstream_run.run_classifier(
+        run = classifier_run.ClassifierRun("linear_eval", model, variables, section)
+        result = classifier_run.run_classifier(
             config, run, mesh, run_dir(config, workdir), allow_change=allow_config_change
         )
         if result["preempted"]:
             return result
         if section.knn:
             k = knn.knn_evaluate(
-                downstream.apply_encoder(model),
+                classifier.apply_encoder(model),
                 result["variables"],
                 config,
                 mesh,
                 info.num_classes,
             )
             result.update(knn_top1=k["top1"], knn_top5=k["top5"])
-    result.update(source=os.path.abspath(source.path), job="linear_eval", config=config.to_dict())
-    downstream.write_result(workdir, "linear_eval", result)
+    result.update(
+        source=os.path.abspath(source.path),
+        job="linear_eval",
+        model=source.model_config.to_dict(),
+        config=classifier.config_as_run(config, source),
+    )
+    classifier.write_result(workdir, "linear_eval", result)
     if jax.process_index() == 0:
         knn_text = f"   kNN top-1 {result['knn_top1']:.4f}" if section.knn else ""
         print(
@@ -76,13 +80,13 @@ def linear_eval(
 
 def _fast_probe(
     config: ml_collections.ConfigDict,
-    model: downstream.Classifier,
+    model: classifier.Classifier,
     variables: dict[str, Any],
     mesh: Any,
     num_classes: int,
 ) -> dict[str, Any]:
     """`linear_eval.precompute_features`: one feature pass per split, the probe and kNN on them."""
-    apply_fn = downstream.apply_encoder(model)
+    apply_fn = classifier.apply_encoder(model)
     variables = jax.device_put(variables, parallel.replicated(mesh))
     banks = [knn.feature_bank(apply_fn, variables, config, mesh, s) for s in ("train", "test")]
     section = config.linear_eval

@@ -18,8 +18,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from simclr_jax.evals import classifier as downstream
-from simclr_jax.runtime import compiled
+from simclr_jax.evals import classifier
+from simclr_jax.runtime import compiled, keys
 
 
 def linear_probe(
@@ -41,14 +41,14 @@ def linear_probe(
     d = x.shape[-1]
     n_rows = x.shape[0] * x.shape[1]
     n_valid = int(jax.device_get(jnp.sum(y >= 0)))
-    batch = downstream.global_batch(section.batch_size, mesh, n_valid)
+    batch = classifier.global_batch(section.batch_size, mesh, n_valid)
     spe = max(n_valid // batch, 1)
     total = max(int(round(epochs * spe)), 1)
     params = {
         "kernel": jnp.zeros((d, num_classes), jnp.float32),
         "bias": jnp.zeros((num_classes,), jnp.float32),
     }
-    tx, _ = downstream.make_optimizer(section, params, batch, total, spe, trust_coefficient)
+    tx, _ = classifier.make_optimizer(section, params, batch, total, spe, trust_coefficient)
 
     def fit(x, y):
         x, y = x.reshape(n_rows, d), y.reshape(n_rows)
@@ -56,7 +56,7 @@ def linear_probe(
         mean = jnp.sum(x * w, 0) / n_valid
         std = jnp.sqrt(jnp.sum(jnp.square(x - mean) * w, 0) / n_valid) + 1e-6
         xs = (x - mean) / std
-        key = jax.random.fold_in(jax.random.key(seed), 13)
+        key = keys.derive(seed, keys.PROBE)
 
         def step(t, carry):
             p, opt = carry
@@ -86,8 +86,8 @@ def linear_probe(
         mask = yb >= 0
         return jnp.stack(
             [
-                jnp.sum(downstream.topk_correct(logits, yb, 1) & mask),
-                jnp.sum(downstream.topk_correct(logits, yb, 5) & mask),
+                jnp.sum(classifier.topk_correct(logits, yb, 1) & mask),
+                jnp.sum(classifier.topk_correct(logits, yb, 5) & mask),
                 jnp.sum(mask),
             ]
         ).astype(jnp.int32)

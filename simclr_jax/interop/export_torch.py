@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from simclr_jax.models.resnet import RESNET_LAYOUTS, feature_dim
+from simclr_jax.runtime import files
 
 EXPORT_TORCH_FORMAT_VERSION = 1
 ENCODER_FILE = "encoder.safetensors"
@@ -136,8 +137,8 @@ def head_state_dict(
 
 def torch_model_spec(model: Mapping[str, Any]) -> dict[str, Any]:
     """The torchvision build recipe (`model.json['torchvision']`) for an export's model dict."""
-    depth, width = int(model["depth"]), int(model.get("width_multiplier", 1))
-    base_width, stem = int(model.get("base_width", 64)), model.get("stem", "imagenet")
+    depth, width = int(model["depth"]), int(model["width_multiplier"])
+    base_width, stem = int(model["base_width"]), model["stem"]
     block, stages = RESNET_LAYOUTS[depth]
     standard = depth in _TORCHVISION_NAMES and width == 1 and base_width == 64
     return {
@@ -158,32 +159,25 @@ def _head_spec(model: Mapping[str, Any]) -> dict[str, Any]:
         "num_layers": int(model["head_layers"]),
         "in_dim": feature_dim(
             int(model["depth"]),
-            int(model.get("width_multiplier", 1)),
-            int(model.get("base_width", 64)),
+            int(model["width_multiplier"]),
+            int(model["base_width"]),
         ),
         "hidden_dim": int(model["head_hidden_dim"]),
         "out_dim": int(model["head_out_dim"]),
         "use_bn": bool(model["head_bn"]),
-        "out_scale": bool(model.get("head_out_scale", True)),
+        "out_scale": bool(model["head_out_scale"]),
     }
-
-
-def _atomic_write(path: str, write: Any) -> None:
-    """Writes via a temporary file and a rename, so a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _check_torchvision_layout(model: Mapping[str, Any], export_path: str) -> None:
     """Refuses encoders torchvision cannot hold; notes where it computes slightly differently."""
-    if float(model.get("sk_ratio", 0.0)) > 0:
+    if float(model["sk_ratio"]) > 0:
         raise ValueError(
             f"{export_path} holds a selective-kernel ResNet (model.sk_ratio="
             f"{model['sk_ratio']}); torchvision has no SK-ResNet layout, so it cannot be exported "
             "to a torchvision state_dict (use the JAX export, or a plain sk_ratio=0 model)"
         )
-    if model.get("compat", "torchvision") == "simclr_tf":
+    if model["compat"] == "simclr_tf":
         if RESNET_LAYOUTS[int(model["depth"])][0] == "basic":
             raise ValueError(
                 f"{export_path} is a ResNet-{model['depth']} in google-research/simclr's layout "
@@ -239,14 +233,9 @@ def export_torch(export_path: str, out_dir: str | None = None) -> dict[str, str]
         "model": os.path.join(out_dir, MODEL_FILE),
     }
     file_meta = {"format": "pt", "source": export_path}
-    _atomic_write(paths["encoder"], lambda p: save_file(encoder, p, metadata=file_meta))
-    _atomic_write(paths["projection_head"], lambda p: save_file(head, p, metadata=file_meta))
-
-    def write_json(p: str) -> None:
-        with open(p, "w") as f:
-            json.dump(description, f, indent=2, sort_keys=True)
-
-    _atomic_write(paths["model"], write_json)
+    files.write_atomic(paths["encoder"], lambda p: save_file(encoder, p, metadata=file_meta))
+    files.write_atomic(paths["projection_head"], lambda p: save_file(head, p, metadata=file_meta))
+    files.write_json_atomic(paths["model"], description, indent=2, sort_keys=True)
     return paths
 
 

@@ -355,5 +355,7 @@ def import_official(config: Any, workdir: str) -> str:
     full = config_base.base_config().model
     full.update(model_config)
     full.dtype = config.model.dtype
-    path = checkpoint.export_encoder(out, variables, full.to_dict(), info)
+    # The official heads' last BN has its scale, as ours do outside SimSiam.
+    model = {**full.to_dict(), "head_out_scale": True}
+    path = checkpoint.export_encoder(out, variables, model, info)
     return path

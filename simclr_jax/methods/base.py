@@ -11,8 +11,10 @@ A method is one module in `simclr_jax/methods/` that builds a `Method` and passe
   queue, bank) as a pytree, or None; it lives in `TrainState.method_state`, so it is
   donated, checkpointed and restored with the rest (replicated unless `state_sharding`
   shards it, e.g. InstDisc's memory bank by rows);
-- `train_step(state, batch, *, model, tx, schedule, config, mesh, total_steps)`: the pure
-  update on the views the shared step makes (`train_state.make_views`);
+- `train_step(state, batch, *, model, tx, schedule, config, mesh, total_steps,
+  num_train_examples)`: the pure update on the views the shared step makes
+  (`methods.state.make_views`); the job passes the run's length and the training split's size
+  (a method never reads dataset metadata itself);
 - `resolve(config, total_steps, num_train_examples)`: run-length-dependent settings, returning
   warnings for the user (e.g. an EMA time constant longer than the run).
 - `state_sharding(mesh, method_state)`: NamedShardings for the extra state (None: replicated);

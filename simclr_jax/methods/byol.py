@@ -96,6 +96,7 @@ def train_step(
     config: Any,
     mesh: Mesh,
     total_steps: int = 0,
+    num_train_examples: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One BYOL update: loss of the online predictions -> optimizer -> EMA of the target."""
     total_steps = total_steps or int(config.total_steps)

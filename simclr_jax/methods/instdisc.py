@@ -33,7 +33,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import data, losses
+from simclr_jax import losses
 from simclr_jax.config.checks import check
 from simclr_jax.methods import base
 from simclr_jax.methods.state import TrainState, make_views, online_linear_metrics, step_key
@@ -84,11 +84,6 @@ def bank_rows(num_examples: int) -> int:
 def num_negatives(config: ml_collections.ConfigDict, num_examples: int) -> int:
     """K: `instdisc.num_negatives`, capped to `num_examples - 1`."""
     return max(1, min(int(config.instdisc.num_negatives), num_examples - 1))
-
-
-def num_examples(config: ml_collections.ConfigDict) -> int:
-    """The training split's size N (bank rows in use; negatives are drawn from [0, N))."""
-    return data.dataset_info(config).num_train_examples
 
 
 def init_state(
@@ -238,6 +233,7 @@ def train_step(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
     total_steps: int = 0,
+    num_train_examples: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One InstDisc update: read the bank -> loss -> optimizer -> momentum write of the batch."""
     if "index" not in batch:
@@ -246,7 +242,9 @@ def train_step(
         )
     total_steps = total_steps or int(config.total_steps)
     ic = config.instdisc
-    n = num_examples(config)
+    n = num_train_examples  # bank rows in use; negatives are drawn from [0, N)
+    if n <= 0:
+        raise ValueError("method='instdisc' needs the training split's size (num_train_examples)")
     ms = state.method_state
     if ms["bank"].shape[0] < n:
         raise ValueError(f"the bank has {ms['bank'].shape[0]} rows for {n} training examples")

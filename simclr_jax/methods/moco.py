@@ -27,7 +27,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import data, losses, models
+from simclr_jax import losses, models
 from simclr_jax.config.checks import check
 from simclr_jax.methods import base
 from simclr_jax.methods.state import TrainState, make_views, online_linear_metrics, step_key
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 _capped_warned: set[tuple[int, int]] = set()  # warn once per setting, not per state build
 
 
-def queue_size(config: ml_collections.ConfigDict, num_train_examples: int | None = None) -> int:
+def queue_size(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
     """The queue length K: `config.moco.queue_size`, capped to the pretraining split's size.
 
     A queue longer than the dataset holds several keys of the same image, so an example's own
@@ -51,8 +51,6 @@ def queue_size(config: ml_collections.ConfigDict, num_train_examples: int | None
             f"batch_size={b} (each step enqueues one global batch of keys); "
             f"try {max(b, k // b * b)}"
         )
-    if num_train_examples is None:
-        num_train_examples = data.dataset_info(config).num_train_examples
     cap = max(b, num_train_examples // b * b)
     if k > cap:
         if (k, cap) not in _capped_warned:
@@ -71,14 +69,12 @@ def init_moco_state(
     config: ml_collections.ConfigDict,
     variables: dict[str, Any],
     key: jax.Array,
-    num_keys: int | None = None,
+    num_keys: int,
 ) -> dict[str, Any]:
-    """The key encoder as a copy of the query encoder, and a queue of random unit vectors.
+    """The key encoder as a copy of the query encoder, and a queue of `num_keys` random unit keys.
 
-    `num_keys` defaults to `queue_size(config)`. Random keys (as in MoCo) are harmless negatives
-    that the first K / batch_size steps overwrite.
+    Random keys (as in MoCo) are harmless negatives that the first K / batch_size steps overwrite.
     """
-    num_keys = queue_size(config) if num_keys is None else num_keys
     queue = jax.random.normal(key, (num_keys, config.model.head_out_dim), jnp.float32)
     return {
         "key_params": variables["params"],
@@ -190,6 +186,7 @@ def moco_train_step(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
     total_steps: int = 0,
+    num_train_examples: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One MoCo v2 update: the contract of every method step (pure, key from the state).
 

@@ -72,6 +72,7 @@ def train_step(
     config: Any,
     mesh: Mesh,
     total_steps: int = 0,
+    num_train_examples: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SimCLR update: augment on device, encode 2B views with global BN, NT-Xent, LARS.
 

@@ -79,6 +79,7 @@ def train_step(
     config: Any,
     mesh: Mesh,
     total_steps: int = 0,
+    num_train_examples: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SimSiam update on the two views of each image."""
     x = make_views(step_key(state), batch["image"], config, batch.get("crop"))

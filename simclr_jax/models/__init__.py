@@ -88,9 +88,8 @@ def create_encoder(model_config: Any, conv: Callable[..., Any] | None = None) ->
         base_width=model_config.base_width,
         zero_init_last_bn=model_config.zero_init_last_bn,
         dtype=compute_dtype(model_config.dtype),
-        # Exports written before these keys existed are plain torchvision-layout ResNets.
-        sk_ratio=float(model_config.get("sk_ratio", 0.0)),
-        compat=model_config.get("compat", "torchvision"),
+        sk_ratio=float(model_config.sk_ratio),
+        compat=model_config.compat,
         conv_general_dilated=conv,
     )
 
@@ -131,6 +130,13 @@ def create_model(
         head=create_head(m, head_out_scale),
         num_classes=num_classes,
         predictor=predictor,
+    )
+
+
+def head_out_scale(model_config: Any, head_params: Any) -> bool:
+    """Whether a trained projection head's last BN has a scale (SimSiam's has none)."""
+    return not model_config.head_bn or "scale" in head_params.get(
+        f"bn{model_config.head_layers}", {}
     )
 
 

@@ -18,6 +18,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from simclr_jax.runtime import files
+
 log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
@@ -363,7 +365,7 @@ def write_report(workdir: str) -> str:
         images.append((f"{stem}.png", title))
     # A linear evaluation of this pretraining run keeps its own metrics in linear_eval/.
     sub = read_metrics(os.path.join(workdir, "linear_eval", "metrics.jsonl"))
-    if sub and job is None:
+    if sub and job not in DOWNSTREAM_JOBS:  # a pretraining run (job.json says "pretrain")
         for stem, title, keys in _plan(sub, downstream=True)[:2]:
             name = f"linear_eval_{stem}.png"
             plot_metric(sub, keys, f"linear eval: {title}", os.path.join(out, name), None)
@@ -378,13 +380,5 @@ def write_report(workdir: str) -> str:
     missing = [stem for stem, _, keys in core if not logged & set(keys)]
     page = _html(workdir, config, rows, images, missing, eval_results, spe, downstream)
     index = os.path.join(out, "index.html")
-    _write_text(index, page)
+    files.write_text_atomic(index, page)
     return index
-
-
-def _write_text(path: str, text: str) -> None:
-    """Writes `text` via a temporary file and a rename: a browser never sees half a page."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from simclr_jax import data, methods, optim
 from simclr_jax.methods.state import TrainState
 from simclr_jax.models import init_variables
-from simclr_jax.runtime import cpu_conv, loop, parallel
+from simclr_jax.runtime import cpu_conv, keys, loop, parallel
 from simclr_jax.runtime.compiled import jit_init
 
 
@@ -54,16 +54,17 @@ def _state_initializer(
 
     def init() -> TrainState:
         # Created inside the traced function: no host-to-device transfer of the seed.
-        root = jax.random.key(config.seed)
-        variables = init_variables(model, jax.random.fold_in(root, 0), config.augment.image_size)
+        seed = config.seed
+        params_key = keys.derive(seed, keys.INIT_PARAMS)
+        variables = init_variables(model, params_key, config.augment.image_size)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=variables["params"],
             batch_stats=variables["batch_stats"],
             opt_state=tx.init(variables["params"]),
-            rng=jax.random.key_data(jax.random.fold_in(root, 1)),
+            rng=jax.random.key_data(keys.derive(seed, keys.STEP_STREAM)),
             method_state=method.init_state(
-                config, variables, jax.random.fold_in(root, 2), num_train_examples
+                config, variables, keys.derive(seed, keys.METHOD_STATE), num_train_examples
             ),
         )
 
@@ -152,6 +153,7 @@ def compile_train_step(
         config=config,
         mesh=mesh,
         total_steps=total_steps,
+        num_train_examples=num_train_examples or data.dataset_info(config).num_train_examples,
     )
     shardings = state_shardings(config, model, tx, mesh, num_train_examples)
     return jax.jit(

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from simclr_jax import checkpoint, config_base, data, methods, monitors, optim
+from simclr_jax import checkpoint, config_base, data, methods, models, monitors, optim
 from simclr_jax.methods.state import TrainState
 from simclr_jax.pretrain.state import (
     abstract_train_state,
@@ -151,8 +151,7 @@ def export_run(config: ml_collections.ConfigDict, state: TrainState, workdir: st
     }
     model = config.model.to_dict()
     # The method builds the head (SimSiam's last BN has no scale): record what was trained.
-    last_bn = variables["params"]["head"].get(f"bn{config.model.head_layers}", {})
-    model["head_out_scale"] = not config.model.head_bn or "scale" in last_bn
+    model["head_out_scale"] = models.head_out_scale(config.model, variables["params"]["head"])
     return checkpoint.export_encoder(checkpoint.export_dir(workdir), variables, model, source)
 
 

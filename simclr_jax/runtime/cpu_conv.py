@@ -1,7 +1,7 @@
 """Convolutions for `nn.Conv` that XLA:CPU runs faster: the same sums as `lax.conv`.
 
-Three formulations, each measured on the digits default's train step (docs/benchmarks.md): an
-explicit im2col + one dot on maps of at most `IM2COL_MAX_PIXELS` pixels; on one CPU device, conv
+Three formulations, each measured on the digits default's train step (docs/benchmarks_history.md):
+an explicit im2col + one dot on maps of at most `IM2COL_MAX_PIXELS` pixels; on one CPU device, conv
 inputs `materialized` into buffers of their own; and there, kernel gradients summed over batch
 chunks of at most `KERNEL_GRAD_CHUNK_ELEMENTS` input elements. Params are `nn.Conv`'s, so
 checkpoints, exports and the official imports are unaffected.
@@ -18,14 +18,15 @@ from jax import lax
 # Convolutions whose output map has at most this many pixels run as an explicit im2col (the
 # kernel-offset slices of the padded input side by side on the channel axis) and one matmul with
 # the kernel reshaped to [kh * kw * Cin, Cout]. XLA:CPU runs a 3x3 conv onto 2x2 maps about 10x
-# slower than this matmul (docs/benchmarks.md); on 4x4 maps and larger its own conv is faster.
+# slower than this matmul (docs/benchmarks_history.md); on 4x4 maps and larger its own conv is
+# faster.
 # The sum is the same (only its rounding order differs).
 IM2COL_MAX_PIXELS = 4
 # On one CPU device a larger conv's kernel gradient is summed over batch chunks of at most this
 # many input elements (1 MiB of fp32). XLA:CPU packs the image patches of the whole batch into
 # one contraction; on chunks this size the same work runs about twice as fast (a 3x3 conv on the
-# digits default's [512, 16, 16, 16] maps: 11.5 -> 5.3 ms; docs/benchmarks.md), and a pairwise
-# sum of the chunks' gradients is closer to float64 than the one long sum.
+# digits default's [512, 16, 16, 16] maps: 11.5 -> 5.3 ms; docs/benchmarks_history.md), and a
+# pairwise sum of the chunks' gradients is closer to float64 than the one long sum.
 KERNEL_GRAD_CHUNK_ELEMENTS = 2**18
 _NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
@@ -39,14 +40,14 @@ def materialized(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     """`x` computed into a buffer of its own on one CPU device (else unchanged): a conv input.
 
     For a conv's kernel gradient XLA:CPU copies the input into a [C, H, W, N] layout, and it fuses
-    the whole elementwise chain that made the input (BatchNorm, ReLU and residual adds back to
-    the stage's first conv) into that copy, recomputing it with strided reads: 13-26 ms per copy
-    on the digits default (docs/benchmarks.md). A conditional's result is always a buffer, so the
+    the whole elementwise chain that made the input (BatchNorm, ReLU and residual adds back to the
+    stage's first conv) into that copy, recomputing it with strided reads: 13-26 ms per copy on the
+    digits default (docs/benchmarks_history.md). A conditional's result is always a buffer, so the
     copy reads it once. `lax.optimization_barrier` would say this directly, but XLA:CPU drops
-    barriers before fusion. Both branches give `x` (the second only runs if the kernel holds a
-    NaN), so values and gradients stay the same bit for bit. Only on a single CPU device, where
-    that was measured (the digits default): programs sharded over several devices (the tests'
-    8 virtual ones, multi-host CPU runs) compile exactly as before.
+    barriers before fusion. Both branches give `x` (the second only runs if the kernel holds a NaN),
+    so values and gradients stay the same bit for bit. Only on a single CPU device, where that was
+    measured (the digits default): programs sharded over several devices (the tests' 8 virtual ones,
+    multi-host CPU runs) compile exactly as before.
     """
     if not single_cpu_device():
         return x

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 
@@ -27,16 +28,19 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Writes `text` to `path` (UTF-8) through a fsynced temporary file and an atomic rename."""
+def write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+    """Calls `write(tmp)` for a temporary path beside `path`, fsyncs it and renames it onto `path`.
+
+    For writers that take a path (safetensors, orbax-free binary formats); text and JSON go
+    through `write_text_atomic` / `write_json_atomic`.
+    """
     path = os.path.abspath(os.fspath(path))
     folder, name = os.path.split(path)
     # Hidden, unique per writer, in the target's folder: the rename stays on one file system.
     tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "x", encoding="utf-8") as f:  # honours the umask, unlike mkstemp's 0600
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -44,6 +48,16 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Writes `text` to `path` (UTF-8) through a fsynced temporary file and an atomic rename."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "x", encoding="utf-8") as f:  # honours the umask, unlike mkstemp's 0600
+            f.write(text)
+
+    write_atomic(path, write)
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, **json_kwargs: Any) -> None:

@@ -10,7 +10,7 @@ import platform
 # On XLA:CPU the backward of 3x3 convolutions is several times faster with YNNPACK dot fusion
 # (gradients agree to ~2e-6), and YNNPACK's reductions take 7-25% (by CPU) off the digits step:
 # BatchNorm's statistics, which XLA otherwise sums as latency-bound reduce-window trees, with
-# 1.1-10x less rounding error against float64 than those trees (docs/benchmarks.md).
+# 1.1-10x less rounding error against float64 than those trees (docs/benchmarks_history.md).
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,reduce",)
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
 # glibc's mallopt parameters (malloc.h).
@@ -29,7 +29,7 @@ def set_cpu_flags() -> None:
     The last two change no number, only where a step's scratch memory comes from. An
     asynchronous step runs on a worker thread, whose glibc arena hands its ~200 MB scratch
     buffer (the digits default) back to the kernel after every step, so every step faulted
-    ~47k fresh zeroed pages: a fifth of its time (docs/benchmarks.md). Run in the caller's
+    ~47k fresh zeroed pages: a fifth of its time (docs/benchmarks_history.md). Run in the caller's
     thread, the buffer comes from the main heap, which with mmap off and trimming raised is
     reused from step to step. Sharded steps (several devices) always dispatch asynchronously.
     """
