@@ -5,8 +5,8 @@
 Same data, augmentations, encoder and optimizer as configs/digits.py, at its earlier run length
 of 400 steps (the one docs/methods.md's figures and SimCLR's 400-step rows in
 docs/benchmarks_history.md were measured at); only the objective changes. Equivalent to
-`--config=configs/digits.py --config.method=moco --config.total_steps=400 --config.moco.queue_size=1024
---config.moco.momentum=0.99`. See docs/methods.md.
+`--config=configs/digits.py --config.method=moco --config.total_steps=400
+--config.moco.queue_size=1024 --config.moco.momentum=0.99`. See docs/methods.md.
 """
 
 from simclr_jax.config_base import sibling_config
