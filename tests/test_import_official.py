@@ -201,3 +201,27 @@ def test_v1_release_without_projection_head(tmp_path):
     }
     features = jax.jit(functools.partial(models.create_encoder(m).apply, train=False))(enc, IMAGES)
     assert _rel(features, want["features"]) < 1e-4
+
+
+def test_random_files_named_like_a_checkpoint_are_one_line_errors(tmp_path):
+    """Malformed layouts: garbled `checkpoint` file, garbled index, a state naming no files."""
+    rng = np.random.default_rng(0)
+    cases = {
+        "garbled_state": ("checkpoint", "ckpt-1.index", "ckpt-1.data-00000-of-00001"),
+        "garbled_index": ("ckpt-1.index", "ckpt-1.data-00000-of-00001"),
+    }
+    for name, files in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in files:
+            (folder / f).write_bytes(bytes(rng.integers(128, 256, 300, dtype=np.uint8)))
+        msg = _one_line_error(str(folder), str(tmp_path / f"w_{name}"), "")
+        assert str(folder) in msg and ("checkpoint" in msg), msg
+    assert "'checkpoint' file" in _one_line_error(
+        str(tmp_path / "garbled_state"), str(tmp_path / "w_again"), "not a TensorFlow checkpoint"
+    )
+    stale = tmp_path / "stale_state"
+    stale.mkdir()
+    (stale / "checkpoint").write_text('model_checkpoint_path: "ckpt-9"\n')
+    msg = _one_line_error(str(stale), str(tmp_path / "w_stale"), "")
+    assert str(stale) in msg, msg

@@ -77,7 +77,13 @@ def _checkpoint_prefix(path: str) -> str:
         saved_model = os.path.join(path, "variables", "variables")
         if gfile.exists(saved_model + ".index"):
             return saved_model
-        latest = tf.train.latest_checkpoint(path)
+        try:
+            latest = tf.train.latest_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 - a garbled 'checkpoint' file raises many kinds
+            raise CheckpointError(
+                f"{path}: its 'checkpoint' file is not a TensorFlow checkpoint state "
+                f"({_first_line(e)}); point --config.init_from at a ckpt-N prefix in it"
+            ) from None
         if latest is None:  # no 'checkpoint' file (tf.train.Checkpoint.write): a lone prefix
             index = [f for f in gfile.listdir(path) if f.endswith(".index")]
             prefixes = sorted(f[: -len(".index")] for f in index)
@@ -120,7 +126,13 @@ class _Checkpoint:
         except Exception as e:  # noqa: BLE001  (tf raises many OpError kinds on bad files)
             raise CheckpointError(f"cannot read the TF checkpoint {path}: {_first_line(e)}") from e
         self.format = "tf2" if OBJECT_GRAPH in shapes else "tf1"
-        self.keys = self._tf2_keys(shapes) if self.format == "tf2" else self._tf1_keys(shapes)
+        try:
+            self.keys = self._tf2_keys(shapes) if self.format == "tf2" else self._tf1_keys(shapes)
+        except Exception as e:  # noqa: BLE001 - a damaged object graph fails to parse
+            raise CheckpointError(
+                f"cannot read the variable names of the TF checkpoint {self.prefix}: "
+                f"{_first_line(e)}"
+            ) from None
         self.shapes = {name: tuple(shapes[key]) for name, key in self.keys.items()}
 
     def _tf2_keys(self, shapes: dict[str, Any]) -> dict[str, str]:

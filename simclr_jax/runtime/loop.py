@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from simclr_jax import checkpoint
@@ -164,24 +165,50 @@ def _os_error(e: BaseException) -> OSError | None:
     return None
 
 
+def _save_failed(r: Run, e: BaseException) -> checkpoint.CheckpointError:
+    """The one-line error for a failed save: the folder and the OS error behind it."""
+    os_err = _os_error(e)
+    if os_err is None:
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    else:
+        where = f" ({os_err.filename})" if os_err.filename else ""
+        reason = f"{os_err.strerror or os_err}{where}"
+    return checkpoint.CheckpointError(
+        f"{r.name}: saving a checkpoint in {r.manager.directory} failed: {reason}; the run "
+        "stopped, the checkpoints saved before it are intact (free space or fix the folder, "
+        "then rerun to resume)"
+    )
+
+
 def _checked_saves(r: Run, what: Callable[[], Any]) -> Any:
     """Runs a checkpoint call; a failed (possibly earlier, asynchronous) save becomes one line."""
     try:
         return what()
     except Exception as e:  # noqa: BLE001 - every failure of a save stops the run the same way
-        os_err = _os_error(e)
-        reason = (
-            f"{os_err.strerror or os_err} ({os_err.filename})"
-            if os_err is not None and os_err.filename
-            else f"{os_err.strerror or os_err}"
-            if os_err is not None
-            else f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-        )
+        raise _save_failed(r, e) from e
+
+
+def _agree_saves_succeeded(r: Run) -> None:
+    """Several processes: all stop together if any one's earlier asynchronous save failed.
+
+    Called before each save (orbax reports a failed background write by then), so the check
+    costs one small all-gather per checkpoint, not one per step; a process that stopped alone
+    would leave the others waiting in the next collective.
+    """
+    error = None
+    try:
+        r.manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001 - reported below, once all processes know
+        error = e
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is not None:
+        raise _save_failed(r, error) from error
+    if failed.any():
         raise checkpoint.CheckpointError(
-            f"{r.name}: saving a checkpoint in {r.manager.directory} failed: {reason}; the run "
-            "stopped, the checkpoints saved before it are intact (free space or fix the folder, "
-            "then rerun to resume)"
-        ) from e
+            f"{r.name}: saving a checkpoint in {r.manager.directory} failed on process(es) "
+            f"{np.flatnonzero(failed).tolist()} (their log names the OS error); the run stopped, "
+            "the checkpoints saved before it are intact"
+        )
 
 
 def close_manager(manager: Any) -> None:
@@ -195,6 +222,8 @@ def close_manager(manager: Any) -> None:
 
 
 def _save(r: Run, step: int, state: Any) -> None:
+    if jax.process_count() > 1:
+        _agree_saves_succeeded(r)
     meta = {"step": step, "data_step": step}
     _checked_saves(r, lambda: checkpoint.save(r.manager, step, state, meta))
 
@@ -224,7 +253,9 @@ def run(r: Run, state: Any, start_step: int) -> Outcome:
             batches = device_batches(host_iter, r.mesh)
         with Preemption() as preemption:
             while step < r.total_steps:
-                if r.manager is not None:  # an asynchronous save that failed stops the run now
+                if r.manager is not None and jax.process_count() == 1:
+                    # An asynchronous save that failed stops the run now (several processes
+                    # agree on it before their next save instead: `_agree_saves_succeeded`).
                     _checked_saves(r, r.manager.check_for_errors)
                 state, metrics = r.step_fn(state, next(batches))
                 step += 1
