@@ -38,7 +38,10 @@ def model_config(depth, stem, base_width=64, width=1, head_bn=True, head_layers=
             "head_hidden_dim": 32,
             "head_out_dim": 16,
             "head_bn": head_bn,
+            "head_out_scale": True,
             "dtype": "float32",
+            "sk_ratio": 0.0,
+            "compat": "torchvision",
         }
     )
 
@@ -70,7 +73,7 @@ def encoder_and_head(mc):
         hidden_dim=mc.head_hidden_dim,
         out_dim=mc.head_out_dim,
         use_bn=mc.head_bn,
-        out_scale=mc.get("head_out_scale", True),
+        out_scale=mc.head_out_scale,
     )
     return models.create_encoder(mc), head
 
@@ -233,7 +236,7 @@ def test_wrong_depth_in_export_json_names_the_problem():
 
 
 def test_export_torch_mode_uses_the_workdir_export_or_init_from(tmp_path):
-    from simclr_jax import modes
+    from simclr_jax import config_base, modes
 
     torch_modules()
     mc = model_config(18, "cifar", 4)
@@ -241,10 +244,31 @@ def test_export_torch_mode_uses_the_workdir_export_or_init_from(tmp_path):
     checkpoint.export_encoder(
         str(run / "export"), random_variables(mc, 8), mc.to_dict(), {"step": 1, "config": {}}
     )
-    config = ml_collections.ConfigDict({"init_from": ""})
+    config = config_base.base_config()  # a run's whole config, as the command line gives it
     paths = modes.run("export_torch", config, str(run), False)
     assert paths["encoder"] == str(run / "export_torch" / "encoder.safetensors")
     config.init_from = str(run / "export")
     paths = modes.run("export_torch", config, str(tmp_path / "other"), False)
     assert paths["model"] == str(tmp_path / "other" / "export_torch" / "model.json")
     export_torch.load_torch(str(tmp_path / "other" / "export_torch"))
+
+
+def test_a_format_1_export_reads_with_the_keys_it_predates(tmp_path):
+    """Exports written before sk_ratio / compat / head_out_scale existed meant their defaults."""
+    mc = model_config(18, "cifar", 4)
+    path = checkpoint.export_encoder(
+        str(tmp_path / "e"), random_variables(mc, 8), mc.to_dict(), {"step": 3, "config": {}}
+    )
+    meta_path = os.path.join(path, "export.json")
+    meta = json.load(open(meta_path))
+    assert meta["format_version"] == checkpoint.EXPORT_FORMAT_VERSION == 2
+    for key in ("sk_ratio", "compat", "head_out_scale"):
+        del meta["model"][key]
+    json.dump({**meta, "format_version": 1}, open(meta_path, "w"))
+    _, read = checkpoint.load_export(path)
+    assert read["format_version"] == 2
+    assert (read["model"]["sk_ratio"], read["model"]["compat"]) == (0.0, "torchvision")
+    assert read["model"]["head_out_scale"] is True
+    json.dump({**meta, "format_version": 3}, open(meta_path, "w"))
+    with pytest.raises(checkpoint.CheckpointError, match="format 3 by a newer simclr_jax"):
+        checkpoint.load_export(path)

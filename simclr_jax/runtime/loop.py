@@ -96,6 +96,9 @@ def with_update_norm(step: Callable[..., Any]) -> Callable[..., Any]:
         delta = jax.tree.map(lambda a, b: a - b, new_state.params, state.params)
         return new_state, {**metrics, "update_norm": optax.tree.norm(delta)}
 
+    # Compile logs and profiles name the step itself (`jit(train_step)`), not this wrapper.
+    inner = getattr(step, "func", step)  # a functools.partial's function
+    checked.__name__ = checked.__qualname__ = getattr(inner, "__name__", "step")
     return checked
 
 
