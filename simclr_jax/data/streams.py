@@ -4,6 +4,7 @@ tf.data options, per-host seeds and the background prefetcher."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import threading
 from collections.abc import Iterator
@@ -17,6 +18,28 @@ if TYPE_CHECKING:
     import ml_collections
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, n: int, epoch: int) -> np.ndarray:
+    """The order of epoch `epoch` over `n` examples: a seeded permutation of the whole split.
+
+    The one definition of the training order, for data in memory and streamed alike. Cached
+    (read-only) for the epoch in progress and the next one: a resume computes one permutation.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.setflags(write=False)
+    return order
+
+
+def batch_indices(seed: int, n: int, batch_size: int, step: int) -> np.ndarray:
+    """Split indices of global batch `step`: the next `batch_size` of the concatenated epochs.
+
+    Each epoch's tail of `n % batch_size` indices is dropped, so an epoch is
+    `n // batch_size` steps; O(1) in `step`.
+    """
+    epoch, i = divmod(step, n // batch_size)
+    return epoch_order(seed, n, epoch)[i * batch_size : (i + 1) * batch_size]
+
+
 def memory_batches(
     images: np.ndarray,
     labels: np.ndarray,
@@ -26,17 +49,12 @@ def memory_batches(
     step: int,
     with_index: bool = False,
 ) -> Iterator[Batch]:
-    """Rows `rows` of every global batch from `step` on (the stream `data`'s docstring describes).
+    """Rows `rows` of every global batch from `step` on (`batch_indices`' order).
 
     `with_index`: batches also carry 'index', each example's row in the split (int32).
     """
-    steps_per_epoch = len(labels) // batch_size
-    epoch, order = -1, None
     while True:
-        e, i = divmod(step, steps_per_epoch)
-        if e != epoch:
-            epoch, order = e, np.random.default_rng([seed, e]).permutation(len(labels))
-        index = order[i * batch_size : (i + 1) * batch_size][rows]
+        index = batch_indices(seed, len(labels), batch_size, step)[rows]
         batch = {"image": images[index], "label": labels[index]}
         if with_index:
             batch["index"] = index.astype(np.int32)
@@ -72,6 +90,8 @@ class Prefetcher(Iterator[Batch]):
     def __init__(self, source: Iterator[Batch], size: int):
         self._queue: queue.Queue = queue.Queue(maxsize=size)
         self._stop = threading.Event()
+        # The source's counters (a streamed source's `StreamStats`), readable while it runs.
+        self.stats = getattr(source, "stats", None)
         # The thread gets no reference to self, so dropping the iterator collects it and stops it.
         self._thread = threading.Thread(
             target=_produce,
@@ -126,3 +146,6 @@ def _produce(source: Iterator[Batch], out: queue.Queue, stop: threading.Event) -
         put(_End())
     except BaseException as error:  # handed to the consumer, which re-raises it
         put(_End(error))
+    finally:
+        if hasattr(source, "close"):  # a streamed source stops its reader threads
+            source.close()

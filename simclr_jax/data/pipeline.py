@@ -1,0 +1,374 @@
+"""The streamed pipeline: a step's split indices (`Plan`), read by Grain, decoded by tf.data.
+
+Three stages, each bounded:
+
+1. Order: `Plan.rows(step)` gives the split indices and stream positions of this host's rows of
+   global batch `step` (pure functions of the step: `streams.batch_indices`), so a stream starts at
+   any step in O(1).
+2. Read: a Grain `MapDataset` over chunks of `READ_CHUNK` rows reads the records from a
+   random-access source (`sources`) on `READ_THREADS` threads, at most `READ_AHEAD` chunks ahead.
+3. Decode: tf.data parses and decodes each record (the crop-window JPEG decode of `decode`) on
+   `config.data.num_threads` threads and batches them. Calling TF once per image from Python
+   threads cost 0.5-1.1 ms more CPU per image than tf.data's map (its executor runs the graph
+   without Python and thread hand-offs), so TF keeps the decode and Grain the order and I/O.
+
+A record that cannot be decoded (an empty file, text named .jpg, a truncated JPEG) is dropped by
+tf.data and its row refilled here: train streams decode the next index of the same epoch's
+permutation instead (`Plan.replacement`, at the same stream position, so its crops are the ones
+the row would have had), evaluation streams mask the row out. Both are pure functions of the step:
+a resumed stream skips and replaces the same files. More than `max_bad_fraction` bad of what was
+read stops the stream with one line naming the first files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from simclr_jax.data.datasets import Batch, import_tf
+from simclr_jax.data.sources import Source
+from simclr_jax.data.streams import batch_indices, epoch_order, tf_options
+
+if TYPE_CHECKING:
+    import ml_collections
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 32  # records per Grain element: one read call, several in flight at once
+READ_THREADS = 8  # Grain reader threads; reads wait on storage with the GIL released
+READ_AHEAD = 2 * READ_THREADS  # chunks read ahead: bounds the encoded bytes held
+# config.data.max_bad_fraction's default: more bad files than this fraction of those read stop.
+MAX_BAD_FRACTION = 0.01
+# The fraction is taken of at least this many reads, so a bad file among the first few images
+# of a run does not count as "all of them".
+BAD_FRACTION_MIN_READS = 1000
+MAX_REPLACEMENT_ATTEMPTS = 64  # consecutive bad candidates for one row before giving up
+_NAMED_BAD_FILES = 5  # files a stop names
+
+
+class BadDataError(ValueError):
+    """Too many records of a split cannot be decoded; the message names the first ones."""
+
+
+@dataclasses.dataclass
+class StreamStats:
+    """Counts of a stream's records: read (decoded or tried), bad (skipped), first bad names."""
+
+    read: int = 0
+    bad: int = 0
+    bad_names: list[str] = dataclasses.field(default_factory=list)
+
+    def add_bad(self, name: str) -> None:
+        """Counts one undecodable record."""
+        self.bad += 1
+        if len(self.bad_names) < _NAMED_BAD_FILES:
+            self.bad_names.append(name)
+
+    def check(self, max_fraction: float) -> None:
+        """Raises BadDataError if more than `max_fraction` of what was read is bad."""
+        if self.bad > max_fraction * max(self.read, BAD_FRACTION_MIN_READS):
+            raise BadDataError(
+                f"{self.bad} of {self.read} records read cannot be decoded, more than "
+                f"data.max_bad_fraction={max_fraction} allows (of at least "
+                f"{BAD_FRACTION_MIN_READS}); first: {', '.join(self.bad_names)}. Remove or fix "
+                "them, or raise data.max_bad_fraction."
+            )
+
+
+class Plan(Protocol):
+    """Which split indices a host's batches hold, step by step."""
+
+    batch: int  # rows of one host batch
+
+    def rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(split indices int64 [batch], -1 for padding; stream positions int64 [batch])."""
+        ...
+
+    def replacement(self, position: int, attempt: int) -> int | None:
+        """The split index tried instead of an undecodable row's (attempt 1, 2, ...), or None."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+    """Rows [first, first + batch) of every global batch of `batch_indices(seed, n, ...)`.
+
+    `keep`: the order runs over these split indices (a label subset) instead of all `n`.
+    Position of a row = step * global batch + row: the same on every host count, and the seed
+    of its crops.
+    """
+
+    seed: int
+    n: int
+    global_batch: int
+    first: int
+    batch: int
+    keep: np.ndarray | None = None
+
+    def rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """This host's split indices and positions of global batch `step`."""
+        order = batch_indices(self.seed, self.n, self.global_batch, step)
+        index = order[self.first : self.first + self.batch].astype(np.int64)
+        if self.keep is not None:
+            index = self.keep[index].astype(np.int64)
+        start = step * self.global_batch + self.first
+        return index, np.arange(start, start + self.batch, dtype=np.int64)
+
+    def replacement(self, position: int, attempt: int) -> int | None:
+        """The index `attempt` places after the row's in its epoch's permutation (wrapping)."""
+        step, row = divmod(position, self.global_batch)
+        epoch, i = divmod(step, self.n // self.global_batch)
+        order = epoch_order(self.seed, self.n, epoch)
+        index = int(order[(i * self.global_batch + row + attempt) % self.n])
+        return int(self.keep[index]) if self.keep is not None else index
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPlan:
+    """`indices` in order, `batch` at a time; the last batch padded with -1."""
+
+    indices: np.ndarray
+    batch: int
+
+    def rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The step's indices (padded) and positions step * batch + row."""
+        index = np.full(self.batch, -1, np.int64)
+        chunk = self.indices[step * self.batch : (step + 1) * self.batch]
+        index[: len(chunk)] = chunk
+        start = step * self.batch
+        return index, np.arange(start, start + self.batch, dtype=np.int64)
+
+    def replacement(self, position: int, attempt: int) -> int | None:
+        """None: evaluation masks an undecodable row out instead."""
+        return None
+
+
+Prepare = Callable[[Any, Any], dict[str, Any]]  # (encoded image, position) -> tensors
+
+
+def _element_fn(source: Source, prepare: Prepare) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The per-record TF function: parse (serialized sources), decode, keep label and position."""
+    tf = import_tf()
+
+    def element(ex: dict[str, Any]) -> dict[str, Any]:
+        if source.serialized:
+            parsed = tf.io.parse_single_example(
+                ex["record"],
+                {
+                    "image": tf.io.FixedLenFeature([], tf.string),
+                    # Unlabelled splits (STL-10's) store -1; a dataset without labels has none.
+                    "label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+                },
+            )
+            image, label = parsed["image"], tf.cast(parsed["label"], tf.int32)
+        else:
+            image, label = ex["record"], ex["label"]
+        out = dict(prepare(image, ex["position"]))
+        out.update(label=label, position=ex["position"], index=ex["index"])
+        return out
+
+    return element
+
+
+def _reader(source: Source, plan: Plan, start_step: int, num_steps: int | None) -> Any:
+    """Grain dataset of chunks {'record', 'label', 'position', 'index'} from `start_step` on."""
+    import grain
+
+    chunks = -(-plan.batch // READ_CHUNK)
+    total = chunks * num_steps if num_steps is not None else 2**62
+
+    def read(element: int) -> dict[str, np.ndarray]:
+        step, chunk = divmod(element, chunks)
+        indices, positions = plan.rows(start_step + step)
+        rows = slice(chunk * READ_CHUNK, (chunk + 1) * READ_CHUNK)
+        indices, positions = indices[rows], positions[rows]
+        real = indices >= 0  # padding rows are not read
+        records, labels = source.read(indices[real])
+        count = int(real.sum())
+        return {
+            "record": np.array(records, dtype=object).reshape(count),
+            "label": np.zeros(count, np.int32) if labels is None else labels.astype(np.int32),
+            "position": positions[real],
+            "index": indices[real],
+        }
+
+    options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_AHEAD)
+    return grain.MapDataset.range(total).map(read).to_iter_dataset(options)
+
+
+def _chunks(reader: Iterator[Any], errors: list[BaseException]) -> Iterator[Any]:
+    """The reader's chunks; a read error is kept in `errors` (tf.data would drop it)."""
+    try:
+        yield from reader
+    except Exception as error:  # noqa: BLE001  (re-raised by Stream)
+        errors.append(error)
+
+
+class Stream(Iterator[Batch]):
+    """A host's batches of `plan` from `start_step`: read, decoded, refilled where a record failed.
+
+    Yields {**prepare's keys, 'label'} plus 'index' (int32 split indices, `with_index`) and
+    'mask' (bool, False on padding and masked rows, `with_mask`). `stats` counts what was read
+    and skipped; `close()` stops the reader threads.
+    """
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        source: Source,
+        plan: Plan,
+        prepare: Prepare,
+        *,
+        start_step: int = 0,
+        num_steps: int | None = None,
+        with_index: bool = False,
+        with_mask: bool = False,
+        max_bad_fraction: float = MAX_BAD_FRACTION,
+    ):
+        tf = import_tf()
+        self.stats = StreamStats()
+        self._source, self._plan = source, plan
+        self._step, self._stop = start_step, None if num_steps is None else start_step + num_steps
+        self._with_index, self._with_mask = with_index, with_mask
+        self._max_bad_fraction = max_bad_fraction
+        self._reader = iter(_reader(source, plan, start_step, num_steps))
+        self._read_error: list[BaseException] = []
+        element = _element_fn(source, prepare)
+        signature = {
+            "record": tf.TensorSpec([None], tf.string),
+            "label": tf.TensorSpec([None], tf.int32),
+            "position": tf.TensorSpec([None], tf.int64),
+            "index": tf.TensorSpec([None], tf.int64),
+        }
+        # The generator holds the reader, not the stream: dropping the stream collects it.
+        chunks = functools.partial(_chunks, self._reader, self._read_error)
+        ds = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
+        calls = 2 * config.data.num_threads or tf.data.AUTOTUNE  # see data._streamed_batches
+        # A record that fails to parse or decode is dropped here and refilled by `_assemble`.
+        ds = ds.map(element, num_parallel_calls=calls).ignore_errors()
+        ds = ds.batch(plan.batch).prefetch(1).with_options(tf_options(config))
+        self._spec = ds.element_spec
+        self._decoded = ds.as_numpy_iterator()
+        self._one = tf.function(element)  # the same graph for one record (refills)
+        self._buffer: dict[str, np.ndarray] | None = None
+        self._cursor = 0
+
+    def __next__(self) -> Batch:
+        if self._decoded is None or (self._stop is not None and self._step >= self._stop):
+            raise StopIteration
+        batch = self._assemble(*self._plan.rows(self._step))
+        self._step += 1
+        self.stats.check(self._max_bad_fraction)
+        return batch
+
+    def close(self) -> None:
+        """Stops the reader threads; the stream ends."""
+        reader, self._reader, self._decoded = self._reader, None, None
+        if reader is not None and hasattr(reader, "close"):
+            reader.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- assembling a step
+
+    def _peek(self) -> np.ndarray | None:
+        """Positions of the buffered decoded rows not yet taken (None: the stream ended)."""
+        while self._buffer is None or self._cursor >= len(self._buffer["position"]):
+            try:
+                self._buffer, self._cursor = next(self._decoded), 0
+            except StopIteration:
+                if self._read_error:
+                    raise self._read_error[0] from None
+                self._buffer = None
+                return None
+        return self._buffer["position"][self._cursor :]
+
+    def _assemble(self, indices: np.ndarray, positions: np.ndarray) -> Batch:
+        """The step's batch: decoded rows in order, refilled or masked where one is missing."""
+        real = indices >= 0
+        self.stats.read += int(real.sum())
+        ahead = self._peek()
+        if (
+            self._cursor == 0
+            and ahead is not None
+            and real.all()
+            and np.array_equal(ahead, positions)
+        ):  # every row decoded, aligned with tf.data's batch: no copy
+            batch, self._buffer = self._buffer, None
+            return self._finish(batch, np.ones(len(indices), bool))
+        rows = [self._take(p) if r else None for p, r in zip(positions, real, strict=True)]
+        mask = np.ones(len(indices), bool)
+        for i in np.flatnonzero(real):
+            if rows[i] is None:
+                rows[i] = self._refill(int(indices[i]), int(positions[i]))
+                mask[i] = rows[i] is not None
+        mask &= real
+        zeros = {k: np.zeros(s.shape[1:], s.dtype.as_numpy_dtype) for k, s in self._spec.items()}
+        batch = {
+            k: np.stack([row[k] if row is not None else zeros[k] for row in rows]) for k in zeros
+        }
+        return self._finish(batch, mask)
+
+    def _take(self, position: int) -> dict[str, np.ndarray] | None:
+        """The decoded row at `position`, or None if tf.data dropped it (undecodable)."""
+        ahead = self._peek()
+        if ahead is None or ahead[0] != position:
+            return None  # rows arrive in order: a later position means this one was dropped
+        row = {k: v[self._cursor] for k, v in self._buffer.items()}
+        self._cursor += 1
+        return row
+
+    def _refill(self, index: int, position: int) -> dict[str, np.ndarray] | None:
+        """A decoded replacement for the undecodable row (index, position), or None (masked)."""
+        tf = import_tf()
+        bad, attempt = index, 0
+        while True:
+            self.stats.add_bad(self._source.describe(bad))
+            self.stats.check(self._max_bad_fraction)
+            attempt += 1
+            candidate = self._plan.replacement(position, attempt)
+            if candidate is None:
+                log.warning("skipped undecodable %s (masked out)", self._source.describe(bad))
+                return None
+            if attempt > MAX_REPLACEMENT_ATTEMPTS:
+                raise BadDataError(
+                    f"{MAX_REPLACEMENT_ATTEMPTS} records in a row after "
+                    f"{self._source.describe(index)} cannot be decoded; first: "
+                    f"{', '.join(self.stats.bad_names)}."
+                )
+            self.stats.read += 1
+            records, labels = self._source.read(np.array([candidate]))
+            example = {
+                "record": tf.constant(records[0]),
+                "label": tf.constant(0 if labels is None else int(labels[0]), tf.int32),
+                "position": tf.constant(position, tf.int64),
+                "index": tf.constant(candidate, tf.int64),
+            }
+            try:
+                row = {k: v.numpy() for k, v in self._one(example).items()}
+            except tf.errors.OpError:
+                bad = candidate
+                continue
+            log.warning(
+                "skipped undecodable %s, replaced by %s (%d of %d records read so far are bad)",
+                self._source.describe(index),
+                self._source.describe(candidate),
+                self.stats.bad,
+                self.stats.read,
+            )
+            return row
+
+    def _finish(self, batch: dict[str, np.ndarray], mask: np.ndarray) -> Batch:
+        """Drops the bookkeeping keys; adds 'index' / 'mask' where asked."""
+        out = {k: v for k, v in batch.items() if k not in ("position", "index")}
+        if self._with_index:
+            out["index"] = batch["index"].astype(np.int32)
+        if self._with_mask:
+            out["mask"] = mask
+        return out
