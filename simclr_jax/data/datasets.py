@@ -38,6 +38,8 @@ OFFICIAL_SUBSETS = {"1pct": "imagenet2012_subset/1pct", "10pct": "imagenet2012_s
 # Evaluation keeps this fraction of the shorter side around the centre (= resize the shorter side
 # to S / 0.875, centre-crop S: the standard ImageNet protocol). STL-10 images are already framed.
 EVAL_CROP_FRACTION = {"stl10": 1.0, "imagenet2012": 0.875, "image_folder": 0.875}
+# Streamed tfds datasets are read by random access (`sources`): prepare them as ArrayRecord.
+ARRAY_RECORD_FLAG = "--file_format=array_record"
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 _FOLDER_LAYOUT = (
@@ -151,11 +153,12 @@ def tfds_builder(config: ml_collections.ConfigDict) -> Any:
     if name == "imagenet2012":
         return _prepare_imagenet(builder, config.data.manual_dir)
     dir_flag = f" --data_dir={data_dir}" if data_dir else ""
+    fmt = "" if name in IN_MEMORY_DATASETS else f" {ARRAY_RECORD_FLAG}"
     raise DatasetNotAvailableError(
         f"Dataset {name!r} is not prepared in {builder.data_dir} and is never downloaded "
-        f"implicitly. On a machine with internet access run `tfds build {name}{dir_flag}` "
-        f"(or `tfds build {name} --data_dir=DIR`, then set config.data.data_dir=DIR) and copy the "
-        "data directory here."
+        f"implicitly. On a machine with internet access run `tfds build {name}{dir_flag}{fmt}` "
+        f"(or `tfds build {name} --data_dir=DIR{fmt}`, then set config.data.data_dir=DIR) and "
+        "copy the data directory here."
     )
 
 
@@ -171,12 +174,13 @@ def _prepare_imagenet(builder: Any, manual_dir: str | None) -> Any:
             "be downloaded: get ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
             "https://image-net.org/download-images, put both in a folder DIR and set "
             "config.data.manual_dir=DIR, or prepare it once beforehand (best for several hosts): "
-            "`tfds build imagenet2012 --manual_dir=DIR --data_dir=DATA_DIR` and set "
-            "config.data.data_dir=DATA_DIR."
+            f"`tfds build imagenet2012 --manual_dir=DIR --data_dir=DATA_DIR {ARRAY_RECORD_FLAG}` "
+            "and set config.data.data_dir=DATA_DIR."
         )
     tfds = import_tfds()
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+        file_format="array_record",  # the streamed pipeline reads it by random access
     )
     return builder
 

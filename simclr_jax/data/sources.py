@@ -122,8 +122,15 @@ def require_random_access(builder: Any, dataset: str) -> None:
     """Refuses, in one line naming the conversion command, a tfds dataset without ArrayRecord."""
     if not builder.is_prepared():  # mock_data: served from code, no files
         return
-    formats = {f.value for f in builder.info.available_file_formats()}
+    info = builder.info
+    formats = {f.value for f in info.available_file_formats()}
     if RANDOM_ACCESS_FORMAT in formats:
+        return
+    if RANDOM_ACCESS_FORMAT in info.as_proto.alternative_file_formats:
+        # Converted in place (`data.convert`, `tfds convert_format`): tfds 4.9.10 restores the
+        # alternative formats of dataset_info.json into its proto only, so as_data_source would
+        # not see them.
+        info.add_alternative_file_format(RANDOM_ACCESS_FORMAT)
         return
     raise DatasetNotAvailableError(
         f"Dataset {dataset!r} in {builder.data_dir} is prepared as {', '.join(sorted(formats))} "
