@@ -1,4 +1,7 @@
-"""Downstream runs on streamed data: image folders through tf.data, official label subsets."""
+"""Downstream runs on streamed data: image folders through Grain and tf.data, label subsets.
+
+Official ImageNet subsets as index lists: tests/test_data_streamed.py.
+"""
 
 import json
 import os
@@ -72,7 +75,7 @@ def test_streamed_linear_eval_learns_and_resumes_after_a_kill(folder, export, tm
     assert full["top1"] >= 0.75 and full["knn_top1"] >= 0.75, full  # two classes: chance 0.5
 
     # SIGTERM during step 7 of 24 (the loop fetches batch 7 one step ahead): the run saves step
-    # 7 and stops; the rerun resumes the tf.data stream there by skipping 7 batches.
+    # 7 and stops; the rerun starts the stream at step 7 (O(1): the order is a function of it).
     killed = str(tmp_path / "killed")
     real = labelled.labelled_train_iterator
 
@@ -116,32 +119,6 @@ def test_subset_file_of_official_names_selects_those_images(folder, tmp_path):
     )  # n04239074: no such class here
     it = labelled.labelled_train_iterator(config, 2, keep=keep, process_index=0, process_count=1)
     assert sorted(next(it)["label"].tolist()) == [0, 1]
-
-
-def test_official_subset_reads_the_tfds_subset_builder(monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    config = tiny_config(dataset="imagenet2012")
-    config.data.image_size = config.augment.image_size = 8
-    config.finetune.subset = "10pct"
-    built = []
-    real = labelled.tfds_builder
-
-    def spy(c):
-        built.append(c.dataset)
-        return real(c)
-
-    monkeypatch.setattr(labelled, "tfds_builder", spy)
-    with tfds.testing.mock_data(num_examples=6):
-        keep, subset = finetune.selection(config)
-        n = labelled.labelled_size(config, "train", subset=subset)
-        batch = next(
-            labelled.labelled_train_iterator(
-                config, 4, subset=subset, process_index=0, process_count=1
-            )
-        )
-    assert (keep, subset) == (None, "10pct") and n == 6
-    assert built and set(built) == {"imagenet2012_subset/10pct"}
-    assert batch["image"].shape == (4, 8, 8, 3) and batch["label"].dtype == np.int32
 
 
 def test_fast_probe_on_precomputed_features(folder, export, tmp_path):

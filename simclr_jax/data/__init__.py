@@ -24,7 +24,7 @@ downstream jobs' labelled streams. The names other modules use are re-exported h
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -52,6 +52,7 @@ from simclr_jax.data.decode import (  # noqa: F401  (re-exported)
     decode_centre,
     decode_union_resized,
     decode_views,
+    decoder,
     sample_crop_windows,
 )
 from simclr_jax.data.pipeline import (  # noqa: F401  (re-exported)
@@ -62,6 +63,7 @@ from simclr_jax.data.pipeline import (  # noqa: F401  (re-exported)
     Stream,
     StreamStats,
     TrainPlan,
+    max_bad_fraction,
 )
 from simclr_jax.data.sources import open_source
 from simclr_jax.data.streams import Prefetcher, host_seed, memory_batches
@@ -70,28 +72,18 @@ if TYPE_CHECKING:
     import ml_collections
 
 
-def max_bad_fraction(config: ml_collections.ConfigDict) -> float:
-    """config.data.max_bad_fraction, or its default where a config predates the key."""
-    return float(getattr(config.data, "max_bad_fraction", MAX_BAD_FRACTION))
-
-
 def _pretrain_prepare(config: ml_collections.ConfigDict) -> Prepare:
     """(encoded image, stream position) -> {'image'[, 'crop']}: the pretraining decode."""
-    # One crop seed for every host: a row's windows depend on its position in the global
-    # stream only, so they do not change with the process count.
-    seed = host_seed(config.seed, 0)
     size, host_size = config.data.image_size, getattr(config.data, "host_size", 0)
-
-    def prepare(data: Any, position: Any) -> dict[str, Any]:
-        if not config.data.host_crop:
-            return {"image": decode_centre(data, size, 1.0)}
-        # Two independent crops of the original image, cut out here or (host_size) on device.
-        if not host_size:
-            return {"image": decode_views(data, size, seed, position)}
-        image, boxes = decode_union_resized(data, size, host_size, seed, position)
-        return {"image": image, "crop": boxes}
-
-    return prepare
+    if not config.data.host_crop:
+        return decoder("centre", size)
+    # Two independent crops of the original image, cut out here or (host_size) on device. One
+    # crop seed for every host: a row's windows depend on its position in the global stream
+    # only, so they do not change with the process count.
+    seed = host_seed(config.seed, 0)
+    if not host_size:
+        return decoder("views", size, seed=seed)
+    return decoder("union", size, host_size=host_size, seed=seed)
 
 
 def _streamed_batches(
@@ -132,7 +124,7 @@ def _streamed_arrays(
             config,
             source,
             plan,
-            lambda data, _: {"image": decode_centre(data, size, fraction)},
+            decoder("centre", size, fraction=fraction),
             num_steps=-(-n // plan.batch),
             with_mask=True,
             max_bad_fraction=max_bad_fraction(config),

@@ -7,6 +7,7 @@ crop windows (`crop_windows`); evaluation decodes only the centre window.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -216,3 +217,27 @@ def decode_centre(data: Any, size: int, fraction: float) -> Any:
         return image[y : y + h, x : x + w]
 
     return _resize_uint8(tf.cast(tf.cond(tf.io.is_jpeg(data), jpeg, other), tf.float32), size)
+
+
+@functools.lru_cache(maxsize=32)
+def decoder(
+    mode: str, size: int, *, host_size: int = 0, seed: int = 0, fraction: float = 1.0
+) -> Callable[[Any, Any], dict[str, Any]]:
+    """(encoded image, stream position) -> tensors {'image'[, 'crop']} of one decode mode.
+
+    'centre': `decode_centre` (fraction); 'views': `decode_views`; 'union':
+    `decode_union_resized` (host_size). Cached: the same arguments give the same function, so a
+    pipeline reuses the graph another traced (`pipeline`).
+    """
+    if mode == "centre":
+        return lambda data, position: {"image": decode_centre(data, size, fraction)}
+    if mode == "views":
+        return lambda data, position: {"image": decode_views(data, size, seed, position)}
+    if mode == "union":
+
+        def union(data: Any, position: Any) -> dict[str, Any]:
+            image, boxes = decode_union_resized(data, size, host_size, seed, position)
+            return {"image": image, "crop": boxes}
+
+        return union
+    raise ValueError(f"decoder mode={mode!r}; allowed: 'centre', 'views', 'union'.")

@@ -1,22 +1,23 @@
 """Labelled streams for the downstream jobs (linear evaluation, fine-tuning, kNN).
 
-A host holds `prefetch + 2` batches, never the split. Train streams follow the pretraining
-stream's rules (seeded, per host, resumable by step); eval streams visit every example of a split
-exactly once, each host its own shard, padded to the same number of batches on every host with
-'mask' 0 on the padding rows. Label subsets: a class-balanced fraction (indices), SimCLR's
-official ImageNet 1% / 10% through tfds `imagenet2012_subset`, or a file of image names.
+Streamed datasets run on the pretraining stream's sources and machinery (`pipeline.Stream`), so a
+host holds a bounded number of batches, never the split. Train streams follow the pretraining
+order (`streams.batch_indices`: a seeded permutation of the whole split or subset each epoch, host
+p rows [p*b, (p+1)*b), resumable in O(1) at any step); eval streams visit every example of a split
+exactly once, host p examples p, p + P, ..., padded to the same number of batches on every host
+with 'mask' 0 on the padding rows. Label subsets are index lists on the train split's source
+(`subsets`): a class-balanced fraction, SimCLR's official ImageNet 1% / 10%, a file of names.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
-from simclr_jax.data.datasets import (
+from simclr_jax.data.datasets import (  # noqa: F401  (OFFICIAL_SUBSETS re-exported)
     EVAL_CROP_FRACTION,
     IN_MEMORY_DATASETS,
     OFFICIAL_SUBSETS,
@@ -25,15 +26,19 @@ from simclr_jax.data.datasets import (
     dataset_info,
     dataset_name,
     digits_arrays,
-    folder_splits,
-    import_tf,
-    import_tfds,
     memory_arrays,
     tfds_builder,
     tfds_num_examples,
 )
-from simclr_jax.data.decode import decode_centre
-from simclr_jax.data.streams import Prefetcher, host_seed, memory_batches, tf_options
+from simclr_jax.data.decode import decoder
+from simclr_jax.data.pipeline import EvalPlan, Stream, TrainPlan, max_bad_fraction
+from simclr_jax.data.sources import open_source
+from simclr_jax.data.streams import Prefetcher, memory_batches
+from simclr_jax.data.subsets import (  # noqa: F401  (re-exported)
+    read_subset_file,
+    split_metadata,
+    subset_indices,
+)
 
 if TYPE_CHECKING:
     import ml_collections
@@ -43,58 +48,6 @@ def _split_name(split: str) -> str:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
     return split
-
-
-def _labelled_config(config: ml_collections.ConfigDict, subset: str) -> ml_collections.ConfigDict:
-    """`config` reading the tfds builder of an official subset name instead of config.dataset."""
-    if subset not in OFFICIAL_SUBSETS:
-        raise ValueError(
-            f"config.finetune.subset={subset!r} is not an official subset; allowed: "
-            f"{', '.join(OFFICIAL_SUBSETS)} (imagenet2012), or a text file of image file names "
-            "(image_folder)."
-        )
-    if config.dataset != "imagenet2012":
-        raise ValueError(
-            f"config.finetune.subset={subset!r} is an ImageNet subset; config.dataset is "
-            f"{config.dataset!r}. Use finetune.label_fraction for other datasets."
-        )
-    c = config.copy_and_resolve_references()
-    with c.unlocked():
-        c.dataset = OFFICIAL_SUBSETS[subset]
-    return c
-
-
-def read_subset_file(path: str) -> set[str]:
-    """Image file names (one a line, as google-research/simclr imagenet_subsets/*.txt)."""
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"config.finetune.subset={path!r} is neither an official subset "
-            f"({', '.join(OFFICIAL_SUBSETS)}) nor a file of image names."
-        )
-    with open(path) as f:
-        return {line.strip() for line in f if line.strip()}
-
-
-def subset_indices(config: ml_collections.ConfigDict, subset: str) -> np.ndarray | None:
-    """Indices into the train split of the images a subset file names (image_folder), or None.
-
-    None for an official tfds subset (read from its own builder) or no subset.
-    """
-    if not subset or subset in OFFICIAL_SUBSETS:
-        return None
-    names = read_subset_file(subset)
-    if config.dataset != "image_folder":
-        raise ValueError(
-            f"config.finetune.subset={subset!r} (a file of image names) needs "
-            f"config.dataset='image_folder', not {config.dataset!r}."
-        )
-    paths, _ = folder_splits(config.data.folder)[1]["train"]
-    keep = np.flatnonzero([os.path.basename(p) in names for p in paths])
-    if not len(keep):
-        raise ValueError(
-            f"none of the {len(names)} images named in {subset} is in {config.data.folder}/train."
-        )
-    return keep
 
 
 def _check_labelled(config: ml_collections.ConfigDict, split: str) -> None:
@@ -110,16 +63,18 @@ def train_labels(config: ml_collections.ConfigDict) -> np.ndarray:
     name = dataset_name(config)
     if name == "digits":
         return digits_arrays(config.data.image_size)["train"][1].copy()
-    if name == "image_folder":
-        return folder_splits(config.data.folder)[1]["train"][1].copy()
-    tfds = import_tfds()
-    records = tfds_builder(config).as_dataset(
-        split=TFDS_SPLITS[name]["train"],
-        shuffle_files=False,
-        decoders={"image": tfds.decode.SkipDecoding()},
-    )
-    labels = records.map(lambda ex: ex["label"]).batch(4096).as_numpy_iterator()
-    return np.concatenate(list(labels) or [np.zeros((0,), np.int32)]).astype(np.int32)
+    if name in IN_MEMORY_DATASETS:
+        return memory_arrays(config, "train")[1]
+    return split_metadata(config, "train")[0].copy()
+
+
+def _train_keep(
+    config: ml_collections.ConfigDict, keep: np.ndarray | None, subset: str
+) -> np.ndarray | None:
+    """The train indices of `keep`, else of a subset (official or a file of names), else None."""
+    if keep is not None or not subset:
+        return keep
+    return subset_indices(config, subset)
 
 
 def labelled_size(
@@ -132,13 +87,11 @@ def labelled_size(
 ) -> int:
     """Examples in a labelled split (train: after `keep` / `subset`; capped at `max_examples`)."""
     name = dataset_name(config)
-    if _split_name(split) == "train" and keep is None and subset in OFFICIAL_SUBSETS:
-        config = _labelled_config(config, subset)
-    _check_labelled(config, split)
+    _check_labelled(config, _split_name(split))
+    if split == "train":
+        keep = _train_keep(config, keep, subset)
     if split == "train" and keep is not None:
         n = len(keep)
-    elif split == "train" and subset in OFFICIAL_SUBSETS:
-        n = tfds_num_examples(tfds_builder(config), "train")
     elif split == "test":
         n = dataset_info(config).num_test_examples
     elif name in ("digits", "image_folder"):
@@ -146,59 +99,6 @@ def labelled_size(
     else:
         n = tfds_num_examples(tfds_builder(config), TFDS_SPLITS[name]["train"])
     return min(n, max_examples) if max_examples else n
-
-
-def _labelled_records(
-    config: ml_collections.ConfigDict,
-    split: str,
-    keep: np.ndarray | None,
-    process_index: int,
-    process_count: int,
-    seed: int | None,
-    drop_remainder: bool,
-    max_examples: int = 0,
-) -> tuple[Any, Callable[[Any], Any]]:
-    """(tf.data of this host's {'image', 'label'} records, fn to encoded bytes)."""
-    tf = import_tf()
-    if config.dataset == "image_folder":
-        paths, labels = folder_splits(config.data.folder)[1][split]
-        if keep is not None:
-            paths, labels = paths[keep], labels[keep]
-        if max_examples:
-            paths, labels = paths[:max_examples], labels[:max_examples]
-        # Equal shares keep the hosts' epochs in step (train); eval keeps every example.
-        per_host = len(paths) // process_count if drop_remainder else len(paths)
-        paths, labels = (a[process_index::process_count][:per_host] for a in (paths, labels))
-        records = tf.data.Dataset.from_tensor_slices({"image": paths, "label": labels})
-        return records, tf.io.read_file
-    tfds = import_tfds()
-    builder = tfds_builder(config)
-    name = TFDS_SPLITS[config.dataset][split]
-    skip = {"image": tfds.decode.SkipDecoding()}
-    if keep is not None:  # a selection by index: every host filters the fixed order
-        table = np.zeros(int(keep.max()) + 1 if len(keep) else 1, bool)
-        table[keep] = True
-        table = tf.constant(table)
-        records = builder.as_dataset(split=name, shuffle_files=False, decoders=skip)
-        records = records.enumerate().filter(
-            lambda i, ex: tf.logical_and(i < tf.size(table, tf.int64), tf.gather(table, i))
-        )
-        records = records.map(lambda i, ex: ex).shard(process_count, process_index)
-        return records.take(len(keep) // process_count), tf.identity
-    if max_examples:
-        name = f"{name}[:{max_examples}]"
-    records = builder.as_dataset(
-        split=tfds.split_for_jax_process(
-            name,
-            process_index=process_index,
-            process_count=process_count,
-            drop_remainder=drop_remainder,
-        ),
-        shuffle_files=seed is not None,
-        decoders=skip,
-        read_config=tfds.ReadConfig(shuffle_seed=seed),
-    )
-    return records, tf.identity
 
 
 def _memory_split(
@@ -210,6 +110,17 @@ def _memory_split(
     if max_examples:
         images, labels = images[:max_examples], labels[:max_examples]
     return images, labels
+
+
+def _hosts(
+    batch_size: int, process_index: int | None, process_count: int | None
+) -> tuple[int, int, int]:
+    """(process index, process count, per-host batch), checked."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} processes.")
+    return process_index, process_count, batch_size // process_count
 
 
 def labelled_train_iterator(
@@ -226,22 +137,16 @@ def labelled_train_iterator(
 ) -> Iterator[Batch]:
     """Endless per-host labelled train batches {'image': uint8 [b, H, H, 3], 'label': int32 [b]}.
 
-    `b = batch_size // process_count`; the stream starts at global batch `start_step` and equals
-    the uninterrupted one from there. `keep` selects train indices (a label fraction), `subset`
-    an official tfds subset. With `augment` the host sends the whole centre square at
-    `data.host_size` (or `data.image_size`) for the device's random resized crop; without it,
-    the eval centre crop at `data.image_size`.
+    `b = batch_size // process_count`; the stream starts at global batch `start_step` in O(1) and
+    equals the uninterrupted one from there: the pretraining stream's order (`batch_indices` with
+    `seed`) over the train split, or over `keep` (a label fraction) or `subset` (an official
+    ImageNet subset or a file of image names: index lists on the same source). With `augment` the
+    host sends the whole centre square at `data.host_size` (or `data.image_size`) for the
+    device's random resized crop; without it, the eval centre crop at `data.image_size`.
     """
     dataset_name(config)
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    if batch_size % process_count:
-        raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} processes.")
-    b = batch_size // process_count
-    if subset in OFFICIAL_SUBSETS:
-        config = _labelled_config(config, subset)
-    elif subset and keep is None:
-        keep = subset_indices(config, subset)
+    process_index, _, b = _hosts(batch_size, process_index, process_count)
+    keep = _train_keep(config, keep, subset)
     _check_labelled(config, "train")
     if config.dataset in IN_MEMORY_DATASETS:
         images, labels = _memory_split(config, "train", keep, 0)
@@ -250,27 +155,24 @@ def labelled_train_iterator(
         rows = slice(process_index * b, (process_index + 1) * b)
         batches = memory_batches(images, labels, seed, batch_size, rows, start_step)
     else:
-        tf = import_tf()
-        stream_seed = host_seed(seed, process_index)
-        records, load = _labelled_records(
-            config, "train", keep, process_index, process_count, stream_seed, drop_remainder=True
-        )
+        source = open_source(config, "train")
+        n = len(keep) if keep is not None else len(source)
+        if n < batch_size:
+            raise ValueError(f"batch_size={batch_size} > {n} labelled train examples.")
         size = config.data.image_size
         side, fraction = (
             (config.data.host_size or size, 1.0)
             if augment
             else (size, EVAL_CROP_FRACTION.get(config.dataset, 1.0))
         )
-
-        def prepare(example: Any) -> dict[str, Any]:
-            image = decode_centre(load(example["image"]), side, fraction)
-            return {"image": image, "label": tf.cast(example["label"], tf.int32)}
-
-        ds = records.shuffle(config.data.shuffle_buffer, seed=stream_seed)
-        ds = ds.repeat().skip(start_step * b)
-        ds = ds.map(prepare, num_parallel_calls=2 * config.data.num_threads or tf.data.AUTOTUNE)
-        ds = ds.batch(b, drop_remainder=True).prefetch(1)
-        batches = ds.with_options(tf_options(config)).as_numpy_iterator()
+        batches = Stream(
+            config,
+            source,
+            TrainPlan(seed, n, batch_size, process_index * b, b, keep),
+            decoder("centre", side, fraction=fraction),
+            start_step=start_step,
+            max_bad_fraction=max_bad_fraction(config),
+        )
     return Prefetcher(batches, config.data.prefetch) if config.data.prefetch > 0 else batches
 
 
@@ -286,17 +188,14 @@ def eval_batches(
     """(this host's batches of a labelled split, their count): every example exactly once.
 
     Batches are {'image': uint8 [b, S, S, 3] centre crops, 'label': int32 [b], 'mask': bool [b]}
-    with `b = batch_size // process_count`. Host p reads its own shard (about 1/process_count of
-    the split); every host yields the same number of batches, padded with mask False.
+    with `b = batch_size // process_count`. Host p reads examples p, p + process_count, ... of
+    the split; every host yields the same number of batches, padded with mask False (an
+    undecodable image is masked out too, with a warning naming it).
     """
     _split_name(split)
     dataset_name(config)
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    if batch_size % process_count:
-        raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} processes.")
+    process_index, process_count, b = _hosts(batch_size, process_index, process_count)
     _check_labelled(config, split)
-    b = batch_size // process_count
     total = labelled_size(config, split, max_examples=max_examples)
     per_host = -(-total // process_count)
     num_batches = -(-per_host // b)
@@ -316,25 +215,14 @@ def eval_batches(
                 }
 
         return memory(), num_batches
-    tf = import_tf()
-    records, load = _labelled_records(
-        config, split, None, process_index, process_count, None, False, max_examples
-    )
     fraction = EVAL_CROP_FRACTION.get(config.dataset, 1.0)  # cifar: the whole 32 px image
-    ds = records.map(
-        lambda ex: {
-            "image": decode_centre(load(ex["image"]), size, fraction),
-            "label": tf.cast(ex["label"], tf.int32),
-            "mask": tf.constant(True),
-        },
-        num_parallel_calls=config.data.num_threads or tf.data.AUTOTUNE,
+    batches = Stream(
+        config,
+        open_source(config, split),
+        EvalPlan(np.arange(total)[process_index::process_count], b),
+        decoder("centre", size, fraction=fraction),
+        num_steps=num_batches,
+        with_mask=True,
+        max_bad_fraction=max_bad_fraction(config),
     )
-    pad = tf.data.Dataset.from_tensors(
-        {
-            "image": tf.zeros([size, size, 3], tf.uint8),
-            "label": tf.constant(0, tf.int32),
-            "mask": tf.constant(False),
-        }
-    ).repeat()
-    ds = ds.concatenate(pad).take(num_batches * b).batch(b).prefetch(2)
-    return ds.with_options(tf_options(config)).as_numpy_iterator(), num_batches
+    return batches, num_batches

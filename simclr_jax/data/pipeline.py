@@ -51,6 +51,11 @@ MAX_REPLACEMENT_ATTEMPTS = 64  # consecutive bad candidates for one row before g
 _NAMED_BAD_FILES = 5  # files a stop names
 
 
+def max_bad_fraction(config: ml_collections.ConfigDict) -> float:
+    """config.data.max_bad_fraction, or MAX_BAD_FRACTION where a config predates the key."""
+    return float(getattr(config.data, "max_bad_fraction", MAX_BAD_FRACTION))
+
+
 class BadDataError(ValueError):
     """Too many records of a split cannot be decoded; the message names the first ones."""
 
@@ -151,12 +156,23 @@ class EvalPlan:
 Prepare = Callable[[Any, Any], dict[str, Any]]  # (encoded image, position) -> tensors
 
 
-def _element_fn(source: Source, prepare: Prepare) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """The per-record TF function: parse (serialized sources), decode, keep label and position."""
+@functools.lru_cache(maxsize=32)
+def _element_fn(serialized: bool, prepare: Prepare) -> Any:
+    """The per-record tf.function: parse (serialized sources), decode, keep label and position.
+
+    Cached with its traced graph: building the crop-window decode's graph took ~0.5 s, which
+    every stream (each resume, each evaluation) would otherwise pay again.
+    """
     tf = import_tf()
+    signature = {
+        "record": tf.TensorSpec([], tf.string),
+        "label": tf.TensorSpec([], tf.int32),
+        "position": tf.TensorSpec([], tf.int64),
+        "index": tf.TensorSpec([], tf.int64),
+    }
 
     def element(ex: dict[str, Any]) -> dict[str, Any]:
-        if source.serialized:
+        if serialized:
             parsed = tf.io.parse_single_example(
                 ex["record"],
                 {
@@ -172,7 +188,8 @@ def _element_fn(source: Source, prepare: Prepare) -> Callable[[dict[str, Any]], 
         out.update(label=label, position=ex["position"], index=ex["index"])
         return out
 
-    return element
+    # No autograph: the decode is written in TF ops.
+    return tf.function(element, input_signature=[signature], autograph=False)
 
 
 def _reader(source: Source, plan: Plan, start_step: int, num_steps: int | None) -> Any:
@@ -238,7 +255,7 @@ class Stream(Iterator[Batch]):
         self._max_bad_fraction = max_bad_fraction
         self._reader = iter(_reader(source, plan, start_step, num_steps))
         self._read_error: list[BaseException] = []
-        element = _element_fn(source, prepare)
+        element = _element_fn(source.serialized, prepare)
         signature = {
             "record": tf.TensorSpec([None], tf.string),
             "label": tf.TensorSpec([None], tf.int32),
@@ -254,7 +271,7 @@ class Stream(Iterator[Batch]):
         ds = ds.batch(plan.batch).prefetch(1).with_options(tf_options(config))
         self._spec = ds.element_spec
         self._decoded = ds.as_numpy_iterator()
-        self._one = tf.function(element)  # the same graph for one record (refills)
+        self._one = element  # the same graph for one record (refills)
         self._buffer: dict[str, np.ndarray] | None = None
         self._cursor = 0
 
