@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -86,6 +87,41 @@ def _jitted_step(
     )
 
 
+def open_run(
+    config: ml_collections.ConfigDict,
+    run_dir: str | None,
+    job: str,
+    allow_change: bool,
+    init: Callable[[], Any],
+    mesh: Mesh,
+    total: int,
+) -> tuple[Any, int, Any]:
+    """`(state, start step, checkpoint manager)` of a downstream run: resumed, or `init()`.
+
+    With a `run_dir`: the resume check for `job`, `job.json` + `config.json` recorded, the latest
+    checkpoint restored (replicated) if there is one; without: `init()` and no manager.
+    """
+    rep = parallel.replicated(mesh)
+    manager, start, state = None, 0, None
+    if run_dir is not None:
+        config_base.check_resume(config, run_dir, job, allow_change)
+        # Every process has checked the run dir (and read its config.json) before process 0
+        # records this job there and the manager creates checkpoints/.
+        parallel.barrier(f"simclr_{job}_run_dir_checked")
+        config_base.record_run(config, run_dir, job)
+        manager = checkpoint.create_manager(run_dir, keep=config.keep_checkpoints)
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), jax.eval_shape(init)
+        )
+        restored = checkpoint.restore_latest(manager, abstract, run_dir)
+        if restored is not None:
+            state, _, start = restored
+            log.info("%s: resumed from step %d of %d", job, start, total)
+    if start == 0:
+        state = jax.device_put(init(), rep)
+    return state, start, manager
+
+
 def run_classifier(
     config: ml_collections.ConfigDict,
     run: ClassifierRun,
@@ -121,23 +157,7 @@ def run_classifier(
     def init() -> ClassifierState:
         return ClassifierState(jnp.zeros((), jnp.int32), trainable, stats, tx.init(trainable))
 
-    manager, start = None, 0
-    if run_dir is not None:
-        config_base.check_resume(config, run_dir, run.job, allow_change)
-        # Every process has checked the run dir (and read its config.json) before process 0
-        # records this job there and the manager creates checkpoints/.
-        parallel.barrier(f"simclr_{run.job}_run_dir_checked")
-        config_base.record_run(config, run_dir, run.job)
-        manager = checkpoint.create_manager(run_dir, keep=config.keep_checkpoints)
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), jax.eval_shape(init)
-        )
-        restored = checkpoint.restore_latest(manager, abstract, run_dir)
-        if restored is not None:
-            state, _, start = restored
-            log.info("%s: resumed from step %d of %d", run.job, start, total)
-    if start == 0:
-        state = jax.device_put(init(), rep)
+    state, start, manager = open_run(config, run_dir, run.job, allow_change, init, mesh, total)
     frozen = jax.device_put(frozen, rep)
     jitted = _jitted_step(run, config, tx, schedule, mesh)
 
