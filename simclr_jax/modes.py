@@ -83,6 +83,13 @@ def finetune_mode(
     return finetune.finetune(config, workdir, allow_config_change)
 
 
+def distill_mode(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> Any:
+    """SimCLR v2's distillation of a fine-tuned teacher (`distill.teacher`) into a student."""
+    from simclr_jax.evals import distill
+
+    return distill.distill(config, workdir, allow_config_change)
+
+
 def export_torch_mode(
     config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
 ) -> dict[str, str]:
@@ -134,6 +141,7 @@ MODES = {
     "pretrain": pretrain,
     "linear_eval": linear_eval,
     "finetune": finetune_mode,
+    "distill": distill_mode,
     "export": export,
     "export_torch": export_torch_mode,
     "import_official": import_official_mode,

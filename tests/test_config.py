@@ -14,7 +14,7 @@ from simclr_jax.config.modes import MODE_NAMES
 from simclr_jax.data import datasets
 from simclr_jax.methods import simclr
 
-JOBS = ("pretrain", "linear_eval", "finetune")
+JOBS = ("pretrain", "linear_eval", "finetune", "distill")
 
 
 def _config(**sections) -> ml_collections.ConfigDict:
@@ -200,7 +200,7 @@ def test_safe_keys_are_per_job(tmp_path):
         assert resume.RESUME_SAFE_KEYS[job][: len(resume.COMMON_SAFE_KEYS)] == (
             resume.COMMON_SAFE_KEYS
         )
-    with pytest.raises(ValueError, match=r"job='eval' is not one of \['finetune'"):
+    with pytest.raises(ValueError, match=r"job='eval' is not one of \['distill', 'finetune'"):
         config_base.check_resume(changed, str(tmp_path / "x"), "eval", allow_change=True)
 
 

@@ -7,6 +7,7 @@ MODE_NAMES: tuple[str, ...] = (
     "pretrain",
     "linear_eval",
     "finetune",
+    "distill",
     "export",
     "export_torch",
     "import_official",

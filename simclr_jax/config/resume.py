@@ -23,9 +23,10 @@ COMMON_SAFE_KEYS: tuple[str, ...] = (
 # full on resume, and downstream jobs' evaluation batch and cadence do not change their result.
 _DOWNSTREAM_EXTRA = ("finetune.eval_every_epochs", "eval.batch_size")
 RESUME_SAFE_KEYS: dict[str, tuple[str, ...]] = {
-    "pretrain": COMMON_SAFE_KEYS + ("eval.", "init_from", "finetune."),
+    "pretrain": COMMON_SAFE_KEYS + ("eval.", "init_from", "finetune.", "distill."),
     "linear_eval": COMMON_SAFE_KEYS + _DOWNSTREAM_EXTRA,
     "finetune": COMMON_SAFE_KEYS + _DOWNSTREAM_EXTRA,
+    "distill": COMMON_SAFE_KEYS + ("distill.eval_every_epochs", "eval.batch_size"),
 }
 
 

@@ -19,7 +19,8 @@ from simclr_jax.data.datasets import DATASETS
 WIDTH_MULTIPLIERS = (1, 2, 3, 4)  # the SimCLR (v2) ResNet widths
 LINEAR_MODES = ("features", "streamed")  # eval.linear_mode: the end-of-run probe's two paths
 DOWNSTREAM_OPTIMIZERS = ("sgd", "lars")  # linear_eval.optimizer and finetune.optimizer
-DOWNSTREAM_SECTIONS = ("linear_eval", "finetune")  # sections with the same training keys
+DOWNSTREAM_SECTIONS = ("linear_eval", "finetune", "distill")  # sections with the same training keys
+DISTILL_STUDENTS = ("teacher", "model")  # distill.student: the teacher's encoder or config.model
 IMAGE_SIZE = 224  # ImageNet's: data.image_size and augment.image_size by default
 
 
@@ -128,6 +129,33 @@ def shared_config() -> ml_collections.ConfigDict:
     c.finetune.weight_decay = 0.0
     c.finetune.warmup_epochs = 0.0  # linear warm-up, then cosine decay over finetune.epochs
     c.finetune.augment = True  # random resized crop + flip on device
+
+    # --mode=distill: SimCLR v2's third step (Chen et al. 2020, arXiv 2006.10029, section 4): a
+    # student learns the fine-tuned teacher's softmax(logits / T) on the unlabelled train images
+    # with the pretraining's schedule, weight decay and batch (LARS, peak 0.1 x sqrt(4096) = 6.4
+    # after a 5% warm-up, wd 1e-4, batch 4096), 400 epochs; T = 0.1 for self-distillation (1.0
+    # for big-to-small). google-research/simclr ships no distillation training code.
+    c.distill = ml_collections.ConfigDict()
+    c.distill.teacher = ""  # a fine-tune run's workdir, or an export with a classifier head
+    # The projection-head layer the teacher's classifier reads: -1 = what the teacher records (a
+    # fine-tune run's from_head_layer; an export's pooled features). Google's fine-tuned v2
+    # releases were fine-tuned from head layer 1 (their README's command): pass 1 for them.
+    c.distill.teacher_head_layer = -1
+    c.distill.student = "teacher"  # its encoder (self-distillation); 'model': config.model
+    c.distill.temperature = 0.1  # T of both softmaxes (the paper: 0.1 self, 1.0 big-to-small)
+    # w in (1 - w) x distillation + w x cross-entropy on finetune's labelled subset (the paper's
+    # equation 3 with alpha = 1 - w); 0: the unlabelled images only.
+    c.distill.label_weight = 0.0
+    c.distill.eval_every_epochs = 0.0  # the student's test top-1/top-5 (0: at the end)
+    c.distill.epochs = 400.0
+    c.distill.batch_size = 4096  # global; capped at the train images
+    c.distill.optimizer = "lars"  # 'lars' or 'sgd' (momentum, Nesterov)
+    c.distill.base_lr = 0.1
+    c.distill.lr_scaling = "sqrt"
+    c.distill.momentum = 0.9
+    c.distill.weight_decay = 1e-4
+    c.distill.warmup_epochs = 20.0  # 5% of the 400 epochs, then cosine decay
+    c.distill.augment = True  # random resized crop + flip on device (both nets see the same view)
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.enabled = False  # call jax.distributed.initialize (auto on TPU VM / SLURM)
@@ -246,6 +274,12 @@ def _validate_downstream(c: ml_collections.ConfigDict) -> None:
         f.label_fraction,
         f"1.0 with finetune.subset={f.subset!r} (a subset already picks the labels)",
     )
+    d = c.distill
+    check(d.temperature > 0, "distill.temperature", d.temperature, "> 0")
+    check(0 <= d.label_weight < 1, "distill.label_weight", d.label_weight, "in [0, 1)")
+    check(d.student in DISTILL_STUDENTS, "distill.student", d.student, _one_of(DISTILL_STUDENTS))
+    check(d.teacher_head_layer >= -1, "distill.teacher_head_layer", d.teacher_head_layer, ">= -1")
+    check(d.eval_every_epochs >= 0, "distill.eval_every_epochs", d.eval_every_epochs, ">= 0")
     for name in DOWNSTREAM_SECTIONS:
         s = c[name]
         check(s.epochs > 0, f"{name}.epochs", s.epochs, "> 0")
