@@ -1,0 +1,44 @@
+"""SimCLR v2's distillation on ImageNet (Chen et al. 2020, arXiv 2006.10029, section 4).
+
+    # a teacher: your own fine-tuned run (--mode=finetune ... --config.finetune.subset=10pct
+    # --config.finetune.from_head_layer=1), or one of Google's fine-tuned v2 releases imported
+    python -m simclr_jax.main --config=configs/imagenet.py --workdir=runs/r50_ft10 \\
+        --mode=import_official \\
+        --config.init_from=ckpts/finetuned_10pct/r50_1x_sk1/saved_model
+    # self-distillation: the student has the teacher's encoder, learns on all 1.28M train images
+    python -m simclr_jax.main --config=configs/distill_imagenet.py --workdir=runs/r50_distill \\
+        --mode=distill --config.distill.teacher=runs/r50_ft10 \\
+        --config.distill.teacher_head_layer=1   # the releases read projection-head layer 1
+    # big-to-small: a ResNet-50 student of a big teacher (the paper's 73.9% / 77.5% rows)
+    python -m simclr_jax.main --config=configs/distill_imagenet.py --workdir=runs/r50_from_r152 \\
+        --mode=distill --config.distill.teacher=runs/r152_3x_sk1_ft10 \\
+        --config.distill.student=model --config.distill.temperature=1.0
+
+The paper's settings: only unlabelled examples; the pretraining's learning-rate schedule, weight
+decay and batch (LARS, 5% warm-up to 6.4 = 0.1 x sqrt(4096), cosine decay, weight decay 1e-4,
+batch 4096), 400 epochs; temperature 0.1 for self-distillation, 1.0 for big-to-small ("the
+effect of temperatures between 0.1 and 1 is very small"). The teacher runs in inference mode on
+the same crop + flip the student sees, every step (no cached predictions).
+"""
+
+from simclr_jax.config_base import sibling_config
+
+
+def get_config():
+    """Returns the ImageNet distillation config."""
+    c = sibling_config(__file__, "imagenet")
+    c.distill.teacher = ""  # required: a --mode=finetune workdir or an export with a classifier
+    c.distill.teacher_head_layer = -1  # 1 for Google's fine-tuned v2 releases (see above)
+    c.distill.student = "teacher"  # self-distillation; 'model': config.model (ResNet-50 here)
+    c.distill.temperature = 0.1  # 1.0 for big-to-small
+    c.distill.label_weight = 0.0  # unlabelled images only
+    c.distill.epochs = 400.0
+    c.distill.batch_size = 4096
+    c.distill.optimizer = "lars"
+    c.distill.base_lr = 0.1
+    c.distill.lr_scaling = "sqrt"  # peak 0.1 x sqrt(4096) = 6.4
+    c.distill.weight_decay = 1e-4
+    c.distill.warmup_epochs = 20.0  # 5% of 400 epochs
+    c.distill.augment = True  # random resized crop + flip on device
+    c.distill.eval_every_epochs = 50.0  # top-1 / top-5 on the 50k validation images
+    return c
