@@ -10,6 +10,12 @@ Rows (timed after a warm-up; writing the files is not timed):
   224 px views: read, decode of the union of two random crop windows, one resize to H x H (the
   device cuts the views), batch, prefetch thread. `config.data.num_threads` bounds tf.data's
   threads (map calls, private pool, one thread per op). `--host_size` overrides the config's H.
+* `image_folder host_size=H old tf.data` (path `old`) -- the same images, config and threads
+  through the pipeline this one replaced (tf.data: shuffle buffer, `skip` to resume;
+  `resume.old_batches`): the "no slower than today" comparison, side by side.
+* `imagenet2012 ArrayRecord host_size=H` / `imagenet2012 TFRecord host_size=H old tf.data`
+  (paths `tfds`, `tfds_old`) -- the same images as a tfds dataset (`resume.write_tfds`): the new
+  pipeline reads its ArrayRecord files by random access, the old one its TFRecord files in order.
 * `image_folder host_size=0` (path `views`) -- the same with both views resized on the host.
 * `baseline decode_and_crop` -- plain tf.data on the same files and threads: read,
   `decode_and_crop_jpeg` of one random crop, `tf.image.resize` to 224, batch.
@@ -20,9 +26,11 @@ Rows (timed after a warm-up; writing the files is not timed):
 images/s counts source images; each makes two views. `CPU ms / image` is the process's
 CPU time (all threads) per image and `cores busy` its CPU time per wall second: together they show
 whether the thread bound held and what one core sustains, which other load on the machine blurs
-less than images/s. Each figure is the median of `--repeats` timed windows, taken round robin
-over the paths; `of baseline` is the median ratio of the host-crop path's windows to the baseline's
-at the same thread count, the figure the target (>= 700/880 = 0.80) applies to.
+less than images/s; `images/s per core` is images/s over cores busy, and `of old` the median
+ratio of a new row's windows to its old twin's (images/s per core). Each figure is the median
+of `--repeats` timed windows, taken round robin over the paths; `of baseline` is the median
+ratio of the host-crop path's windows to the baseline's at the same thread count, the figure the
+target (>= 700/880 = 0.80) applies to.
 """
 
 from __future__ import annotations
@@ -42,13 +50,14 @@ from unittest import mock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # resume.py, its sibling
 
 import numpy as np  # noqa: E402
 
 IMAGE_WIDTH, IMAGE_HEIGHT, JPEG_QUALITY = 500, 375, 90
 DEFAULT_SIZE = (IMAGE_WIDTH, IMAGE_HEIGHT)
 NUM_CLASSES = 8
-PATHS = ("project", "views", "baseline", "cifar10", "digits")
+PATHS = ("project", "old", "tfds", "tfds_old", "views", "baseline", "cifar10", "digits")
 TARGET_OF_BASELINE = 700 / 880
 
 
@@ -168,20 +177,28 @@ def time_window(
 
 
 def project_batches(
-    folder: str, threads: int, batch_size: int, host_size: int | None = None
+    folder: str,
+    threads: int,
+    batch_size: int,
+    host_size: int | None = None,
+    source: str = "image_folder",
+    old: bool = False,
 ) -> Iterator[Any]:
-    """The real ImageNet-config iterator over the image folder (host_size: overrides the config)."""
-    from configs import imagenet
+    """The ImageNet-config iterator over the images (host_size: overrides the config).
+
+    `source`: 'image_folder' or 'imagenet2012' (the same images as tfds); `old`: through the
+    pipeline before Grain (`resume.old_batches`) instead of `data.pretrain_iterator`.
+    """
+    import resume
+
     from simclr_jax import data
 
-    config = imagenet.get_config()
-    config.dataset = "image_folder"
-    config.data.folder = folder
-    config.batch_size = batch_size
-    config.data.num_threads = threads
+    config = resume.imagenet_config(source, folder, batch_size, threads)
     if host_size is not None:
         config.data.host_size = host_size
     assert config.data.host_crop and config.data.image_size == 224
+    if old:
+        return resume.old_batches(config)
     return data.pretrain_iterator(config, process_index=0, process_count=1)
 
 
@@ -332,12 +349,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from configs import imagenet
 
     host_size = imagenet.get_config().data.host_size if args.host_size is None else args.host_size
+    project = functools.partial(project_batches, folder, batch_size=args.batch_size)
     for n in threads:
-        if "project" in paths:
-            make = functools.partial(project_batches, folder, n, args.batch_size, host_size)
-            runs.append((f"image_folder host_size={host_size}", str(n), 2, make))
+        for path, source, old, name in (
+            ("project", "image_folder", False, f"image_folder host_size={host_size}"),
+            ("old", "image_folder", True, f"image_folder host_size={host_size} old tf.data"),
+            ("tfds", "imagenet2012", False, f"imagenet2012 ArrayRecord host_size={host_size}"),
+            (
+                "tfds_old",
+                "imagenet2012",
+                True,
+                f"imagenet2012 TFRecord host_size={host_size} old tf.data",
+            ),
+        ):
+            if path in paths:
+                make = functools.partial(
+                    project, threads=n, host_size=host_size, source=source, old=old
+                )
+                runs.append((name, str(n), 2, make))
         if "views" in paths and host_size:
-            make = functools.partial(project_batches, folder, n, args.batch_size, host_size=0)
+            make = functools.partial(project, threads=n, host_size=0)
             runs.append(("image_folder host_size=0", str(n), 2, make))
     for n in threads:
         if "baseline" in paths:
@@ -376,6 +407,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "images/s per thread": rate / int(n) if n != "n/a" else "n/a",
                 "CPU ms / image": statistics.median(cpu_ms),
                 "cores busy": statistics.median(busy),
+                "images/s per core": statistics.median(1e3 / c for c in cpu_ms),
             }
         )
     # The target is relative: plain tf.data runs at ~880 images/s per thread on the machines
@@ -383,6 +415,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rates_of = {
         (name, n): [w[0] for w in timed] for (name, n, *_), timed in zip(runs, windows, strict=True)
     }
+    per_core_of = {
+        (name, n): [1e3 / w[1] for w in timed]
+        for (name, n, *_), timed in zip(runs, windows, strict=True)
+    }
+    for row in rows:
+        twin = per_core_of.get((f"{row['path']} old tf.data", row["threads"]))
+        if twin is None and row["path"].startswith("imagenet2012 ArrayRecord"):
+            old_name = row["path"].replace("ArrayRecord", "TFRecord") + " old tf.data"
+            twin = per_core_of.get((old_name, row["threads"]))
+        if twin:
+            mine = per_core_of[(row["path"], row["threads"])]
+            ratios = [a / b for a, b in zip(mine, twin, strict=True)]
+            row["of old"] = f"{statistics.median(ratios):.2f}"
     for row in rows:
         baseline = rates_of.get(("baseline decode_and_crop", row["threads"]))
         if row["path"].startswith("image_folder") and baseline:

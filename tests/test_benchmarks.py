@@ -197,12 +197,29 @@ def test_input_pipeline(tmp_path):
     rows = load("input_pipeline").main(args)
     assert [r["path"] for r in rows] == [
         "image_folder host_size=256",
+        "image_folder host_size=256 old tf.data",
+        "imagenet2012 ArrayRecord host_size=256",
+        "imagenet2012 TFRecord host_size=256 old tf.data",
         "image_folder host_size=0",
         "baseline decode_and_crop",
         "cifar10 in-memory 32px",
         "digits in-memory 16px",
     ]
     assert all(r["images/s"] > 0 for r in rows)
+    assert float(rows[0]["of old"]) > 0 and float(rows[2]["of old"]) > 0
+
+
+def test_resume(tmp_path):
+    args = ["--num_images=16", "--batch_size=8", "--threads=1", "--repeats=1"]
+    args += ["--jpeg_size=64x48", f"--folder={tmp_path}", "--steps=0,1000000", "--old_steps=0,2"]
+    rows = load("resume").main(args)
+    assert [(r["source"], r["pipeline"]) for r in rows] == [
+        ("image_folder", "new (Grain)"),
+        ("image_folder", "old (tf.data skip)"),
+        ("imagenet2012 ArrayRecord", "new (Grain)"),
+        ("imagenet2012 TFRecord", "old (tf.data skip)"),
+    ]
+    assert all(r["step 0"] > 0 for r in rows) and rows[0]["step 1,000,000"] > 0
 
 
 def test_loss_memory():
