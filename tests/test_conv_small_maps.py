@@ -1,6 +1,7 @@
 """The im2col + dot formulation of small-map convolutions equals lax.conv in value and gradient,
 and `materialized` conv inputs change no bit of a block's values or gradients."""
 
+import functools
 import importlib
 
 import flax.linen as nn
@@ -14,6 +15,8 @@ from simclr_jax.runtime import cpu_conv
 from tests.tolerances import assert_trees_close
 
 resnet = importlib.import_module("simclr_jax.models.resnet")  # the package re-exports a function
+# The model's conv with the runtime's CPU primitive, as runs on CPU build it (cpu_conv.for_backend).
+CPU_CONV = functools.partial(resnet._conv, conv_general_dilated=cpu_conv.conv_general_dilated)
 
 CASES = [  # (map side, Cin, Cout, kernel, stride): 2x2 outputs as in the digits default's stage 4
     (2, 8, 16, 3, 1),
@@ -78,7 +81,7 @@ def test_block_params_and_grads_unchanged(monkeypatch):
     import functools
 
     norm = functools.partial(nn.BatchNorm, use_running_average=False)
-    block = resnet.BasicBlock(filters=16, strides=2, conv=resnet._conv, norm=norm)
+    block = resnet.BasicBlock(filters=16, strides=2, conv=CPU_CONV, norm=norm)
     x = jax.random.normal(jax.random.key(2), (8, 4, 4, 8))
 
     def init_and_grads():
@@ -122,7 +125,7 @@ def test_materialized_inputs_change_no_bit(monkeypatch):
 
     monkeypatch.setattr(cpu_conv, "single_cpu_device", lambda: True)  # the tests run 8 devices
     for strides, filters in ((1, 8), (2, 16)):
-        block = resnet.BasicBlock(filters=filters, strides=strides, conv=resnet._conv, norm=norm)
+        block = resnet.BasicBlock(filters=filters, strides=strides, conv=CPU_CONV, norm=norm)
         got, hlo = loss_and_grads(block)
         with monkeypatch.context() as m:
             m.setattr(cpu_conv, "materialized", lambda v, kernel: v)
@@ -188,3 +191,17 @@ def test_chunked_kernel_grad_equals_lax_conv(monkeypatch):
     assert_trees_close(dk_ref, dk64, reduction_len=n, depth=1)
     hlo = jax.jit(lambda: value_and_grads(cpu_conv.conv_general_dilated)).lower().as_text()
     assert hlo.count("stablehlo.convolution") == 1 + 1 + 3  # value, input gradient, 3 chunks
+
+
+def test_the_runtime_chooses_the_cpu_conv_only_on_the_cpu_backend(monkeypatch):
+    """The model definition holds no CPU workaround: a run passes its backend's primitive."""
+    from simclr_jax import config_base, models
+
+    model = config_base.base_config().model
+    assert models.create_encoder(model).conv_general_dilated is None  # plain nn.Conv
+    assert cpu_conv.for_backend() is cpu_conv.conv_general_dilated  # the tests run on CPU
+    enc = models.create_encoder(model, conv=cpu_conv.for_backend())
+    assert enc.conv_general_dilated is cpu_conv.conv_general_dilated
+    for backend in ("gpu", "tpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert cpu_conv.for_backend() is None
