@@ -53,7 +53,7 @@ DOWNSTREAM_PLOTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("images_per_sec", "throughput (images / s)", ("images_per_sec",)),
     ("grad_norm", "gradient norm", ("grad_norm",)),
 )
-DOWNSTREAM_JOBS = ("linear_eval", "finetune")
+DOWNSTREAM_JOBS = ("linear_eval", "finetune", "distill")
 _NOT_PLOTTED = {"step", "epoch"}
 # Config values shown at the top of the page (dotted paths into config.json).
 KEY_CONFIG = (
