@@ -63,11 +63,25 @@ def _split_variables(run: ClassifierRun) -> tuple[dict[str, Any], dict[str, Any]
     return trainable, frozen, ({} if freeze else run.variables["batch_stats"])
 
 
+def jit_step(step: Callable[..., Any], mesh: Mesh) -> Any:
+    """`step(state, frozen, batch)` jitted over `mesh`: state donated, state and frozen
+    variables replicated, the batch split on 'data' (one compile per process for equal inputs).
+    """
+    rep = parallel.replicated(mesh)
+    return compiled.cached(
+        lambda: jax.jit(
+            loop.with_update_norm(step),
+            in_shardings=(rep, rep, parallel.data_sharded(mesh)),
+            out_shardings=(rep, rep),
+            donate_argnums=(0,),
+        )
+    )
+
+
 def _jitted_step(
     run: ClassifierRun, config: ml_collections.ConfigDict, tx: Any, schedule: Any, mesh: Mesh
 ) -> Any:
     """The classifier's step jitted over `mesh` (shared by runs with the same inputs)."""
-    rep = parallel.replicated(mesh)
     aug_cfg = train_augment_config(config, bool(run.section.augment))
     step = functools.partial(
         classifier_train_step,
@@ -77,14 +91,7 @@ def _jitted_step(
         aug_cfg=aug_cfg,
         seed=config.seed,
     )
-    return compiled.cached(
-        lambda: jax.jit(
-            loop.with_update_norm(step),
-            in_shardings=(rep, rep, parallel.data_sharded(mesh)),
-            out_shardings=(rep, rep),
-            donate_argnums=(0,),
-        )
-    )
+    return jit_step(step, mesh)
 
 
 def open_run(

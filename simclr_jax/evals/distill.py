@@ -163,7 +163,6 @@ def jitted_step(
     mesh: Any,
 ) -> Any:
     """The distillation step jitted over `mesh`: state donated, teacher replicated, batch split."""
-    rep = parallel.replicated(mesh)
     step = functools.partial(
         distill_train_step,
         student=student.model,
@@ -175,14 +174,7 @@ def jitted_step(
         temperature=float(config.distill.temperature),
         label_weight=float(config.distill.label_weight),
     )
-    return compiled.cached(
-        lambda: jax.jit(
-            loop.with_update_norm(step),
-            in_shardings=(rep, rep, parallel.data_sharded(mesh)),
-            out_shardings=(rep, rep),
-            donate_argnums=(0,),
-        )
-    )
+    return classifier_run.jit_step(step, mesh)
 
 
 def host_batches(
