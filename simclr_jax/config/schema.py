@@ -14,6 +14,7 @@ from simclr_jax.config.checks import ConfigError, check
 from simclr_jax.config.moved import first_moved, moved_message
 from simclr_jax.config.resume import flatten
 from simclr_jax.data.datasets import DATASETS
+from simclr_jax.data.pipeline import MAX_BAD_FRACTION, READ_THREADS
 
 # Facts of the schema itself (no lower module owns them).
 WIDTH_MULTIPLIERS = (1, 2, 3, 4)  # the SimCLR (v2) ResNet widths
@@ -52,6 +53,10 @@ def shared_config() -> ml_collections.ConfigDict:
     c.data.shuffle_buffer = 10_000
     c.data.prefetch = 2  # batches prepared ahead by a background thread
     c.data.num_threads = 0  # tf.data decode threads (0: autotune)
+    c.data.read_threads = READ_THREADS  # Grain threads reading records of streamed datasets
+    # Streamed data: undecodable files are skipped (and replaced) up to this fraction of those
+    # read; more stop the run naming the first ones (docs/data.md).
+    c.data.max_bad_fraction = MAX_BAD_FRACTION
     c.data.eval_max_examples = 0  # cap on examples read for evaluation (0: all)
 
     c.augment = augment.default_augment_config(IMAGE_SIZE)  # the keys and defaults: augment.py
@@ -227,6 +232,13 @@ def validate_shared(c: ml_collections.ConfigDict) -> None:
 def _validate_data_and_augment(c: ml_collections.ConfigDict) -> None:
     check(c.data.image_size > 0, "data.image_size", c.data.image_size, "> 0")
     check(c.data.prefetch >= 0, "data.prefetch", c.data.prefetch, ">= 0")
+    check(c.data.read_threads >= 1, "data.read_threads", c.data.read_threads, ">= 1")
+    check(
+        0 <= c.data.max_bad_fraction < 1,
+        "data.max_bad_fraction",
+        c.data.max_bad_fraction,
+        "in [0, 1) (0: any undecodable file stops the run)",
+    )
     check(
         c.data.host_size == 0 or (c.data.host_crop and c.data.host_size >= c.data.image_size),
         "data.host_size",
