@@ -195,7 +195,8 @@ def test_a_resume_reads_a_bounded_number_of_records_at_any_step(folder, monkeypa
         next(it)
         it.close()
         counts.append(sum(reads))
-    bound = (pipeline.READ_AHEAD + pipeline.READ_THREADS + 2) * 4  # read ahead, in chunks of 4
+    threads = pipeline.READ_THREADS
+    bound = ((pipeline.READ_AHEAD_PER_THREAD + 1) * threads + 2) * 4  # read ahead, chunks of 4
     assert max(counts) <= bound, counts
 
 

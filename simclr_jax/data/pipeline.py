@@ -5,26 +5,31 @@ Three stages, each bounded:
 1. Order: `Plan.rows(step)` gives the split indices and stream positions of this host's rows of
    global batch `step` (pure functions of the step: `streams.batch_indices`), so a stream starts at
    any step in O(1).
-2. Read: a Grain `MapDataset` over chunks of `READ_CHUNK` rows reads the records from a
-   random-access source (`sources`) on `READ_THREADS` threads, at most `READ_AHEAD` chunks ahead.
-3. Decode: tf.data parses and decodes each record (the crop-window JPEG decode of `decode`) on
-   `config.data.num_threads` threads and batches them. Calling TF once per image from Python
-   threads cost 0.5-1.1 ms more CPU per image than tf.data's map (its executor runs the graph
-   without Python and thread hand-offs), so TF keeps the decode and Grain the order and I/O.
+2. Read: a Grain `MapDataset` over chunks of `READ_CHUNK` rows fetches them from a random-access
+   source (`sources`: ArrayRecord records; an image folder's file paths, which TF reads) on
+   `data.read_threads` threads (default `READ_THREADS`), `READ_AHEAD_PER_THREAD` chunks a thread
+   ahead at most.
+3. Decode: tf.data reads files, parses records and decodes them (the crop-window JPEG decode of
+   `decode`) on `config.data.num_threads` threads, a host batch at a time. Calling TF once per
+   image from Python threads (Grain's) cost 0.5-1.1 ms more CPU per image than tf.data's map,
+   which runs the graph without Python, so TF keeps the decode and Grain the order and the I/O.
 
-A record that cannot be decoded (an empty file, text named .jpg, a truncated JPEG) is dropped by
-tf.data and its row refilled here: train streams decode the next index of the same epoch's
-permutation instead (`Plan.replacement`, at the same stream position, so its crops are the ones
-the row would have had), evaluation streams mask the row out. Both are pure functions of the step:
-a resumed stream skips and replaces the same files. More than `max_bad_fraction` bad of what was
-read stops the stream with one line naming the first files.
+A batch with a record that cannot be read or decoded (an empty file, text named .jpg, a truncated
+JPEG) is dropped by tf.data and its rows are decoded here one by one: a file that cannot be read
+stops the stream (OSError names it); one that cannot be decoded is skipped. Train streams take
+the next index of the same epoch's permutation instead (`Plan.replacement`, at the same stream
+position, so with the crops the row would have had), evaluation streams mask the row out. Both
+are pure functions of the step: a resumed stream skips and replaces the same files. More than
+`max_bad_fraction` bad of what was read stops the stream with one line naming the first files.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,14 +45,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 32  # records per Grain element: one read call, several in flight at once
-READ_THREADS = 8  # Grain reader threads; reads wait on storage with the GIL released
-READ_AHEAD = 2 * READ_THREADS  # chunks read ahead: bounds the encoded bytes held
+# config.data.read_threads' default: Grain reader threads. Reads from local disk or the page
+# cache hold the GIL for part of their ~40 us a record; 8 threads cost 1.7x the CPU per record of
+# 1 there. Storage with latency (network file systems, object stores) wants more.
+READ_THREADS = 2
+READ_AHEAD_PER_THREAD = 2  # chunks read ahead per thread: bounds the encoded bytes held
 # config.data.max_bad_fraction's default: more bad files than this fraction of those read stop.
 MAX_BAD_FRACTION = 0.01
 # The fraction is taken of at least this many reads, so a bad file among the first few images
 # of a run does not count as "all of them".
 BAD_FRACTION_MIN_READS = 1000
-MAX_REPLACEMENT_ATTEMPTS = 64  # consecutive bad candidates for one row before giving up
+MAX_REPLACEMENT_ATTEMPTS = 16  # consecutive bad candidates for one row before giving up
 _NAMED_BAD_FILES = 5  # files a stop names
 
 
@@ -157,8 +165,9 @@ Prepare = Callable[[Any, Any], dict[str, Any]]  # (encoded image, position) -> t
 
 
 @functools.lru_cache(maxsize=32)
-def _element_fn(serialized: bool, prepare: Prepare) -> Any:
-    """The per-record tf.function: parse (serialized sources), decode, keep label and position.
+def _element_fn(serialized: bool, prepare: Prepare, paths: bool = False) -> Any:
+    """The per-record tf.function: read (`paths`), parse (`serialized`), decode; keep label and
+    position.
 
     Cached with its traced graph: building the crop-window decode's graph took ~0.5 s, which
     every stream (each resume, each evaluation) would otherwise pay again.
@@ -184,6 +193,8 @@ def _element_fn(serialized: bool, prepare: Prepare) -> Any:
             image, label = parsed["image"], tf.cast(parsed["label"], tf.int32)
         else:
             image, label = ex["record"], ex["label"]
+        if paths:  # in TF's threads: reading in Python cost ~40 us more per 100 KB file
+            image = tf.io.read_file(image)
         out = dict(prepare(image, ex["position"]))
         out.update(label=label, position=ex["position"], index=ex["index"])
         return out
@@ -192,7 +203,14 @@ def _element_fn(serialized: bool, prepare: Prepare) -> Any:
     return tf.function(element, input_signature=[signature], autograph=False)
 
 
-def _reader(source: Source, plan: Plan, start_step: int, num_steps: int | None) -> Any:
+def read_threads(config: ml_collections.ConfigDict) -> int:
+    """config.data.read_threads, or READ_THREADS where a config predates the key."""
+    return int(getattr(config.data, "read_threads", READ_THREADS))
+
+
+def _reader(
+    source: Source, plan: Plan, start_step: int, num_steps: int | None, threads: int
+) -> Any:
     """Grain dataset of chunks {'record', 'label', 'position', 'index'} from `start_step` on."""
     import grain
 
@@ -214,7 +232,9 @@ def _reader(source: Source, plan: Plan, start_step: int, num_steps: int | None) 
             "index": indices[real],
         }
 
-    options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_AHEAD)
+    options = grain.ReadOptions(
+        num_threads=threads, prefetch_buffer_size=READ_AHEAD_PER_THREAD * threads
+    )
     return grain.MapDataset.range(total).map(read).to_iter_dataset(options)
 
 
@@ -253,9 +273,9 @@ class Stream(Iterator[Batch]):
         self._step, self._stop = start_step, None if num_steps is None else start_step + num_steps
         self._with_index, self._with_mask = with_index, with_mask
         self._max_bad_fraction = max_bad_fraction
-        self._reader = iter(_reader(source, plan, start_step, num_steps))
+        self._reader = iter(_reader(source, plan, start_step, num_steps, read_threads(config)))
         self._read_error: list[BaseException] = []
-        element = _element_fn(source.serialized, prepare)
+        element = _element_fn(source.serialized, prepare, source.paths)
         signature = {
             "record": tf.TensorSpec([None], tf.string),
             "label": tf.TensorSpec([None], tf.int32),
@@ -264,14 +284,23 @@ class Stream(Iterator[Batch]):
         }
         # The generator holds the reader, not the stream: dropping the stream collects it.
         chunks = functools.partial(_chunks, self._reader, self._read_error)
+        # 2n calls in flight on the n threads: a thread that finishes one image starts the next
+        # at once instead of sleeping until tf.data's scheduler thread wakes up (~4% images/s).
+        calls = 2 * config.data.num_threads or tf.data.AUTOTUNE
         ds = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
-        calls = 2 * config.data.num_threads or tf.data.AUTOTUNE  # see data._streamed_batches
-        # A record that fails to parse or decode is dropped here and refilled by `_assemble`.
-        ds = ds.map(element, num_parallel_calls=calls).ignore_errors()
-        ds = ds.batch(plan.batch).prefetch(1).with_options(tf_options(config))
+        ds = ds.map(element, num_parallel_calls=calls).batch(plan.batch)
+        # A batch with a record that fails to read, parse or decode is dropped whole, and
+        # `_assemble` decodes its rows one by one. Dropping single records instead (before the
+        # batch) kept tf.data from fusing map and batch: 0.15 ms more CPU per image.
+        ds = ds.ignore_errors().prefetch(1).with_options(tf_options(config))
         self._spec = ds.element_spec
         self._decoded = ds.as_numpy_iterator()
-        self._one = element  # the same graph for one record (refills)
+        # One record's graph for those rows, on bytes read here.
+        self._one = _element_fn(source.serialized, prepare)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max(1, config.data.num_threads or os.cpu_count() or 1),
+            thread_name_prefix="simclr_jax-data-refill",
+        )
         self._buffer: dict[str, np.ndarray] | None = None
         self._cursor = 0
 
@@ -280,7 +309,6 @@ class Stream(Iterator[Batch]):
             raise StopIteration
         batch = self._assemble(*self._plan.rows(self._step))
         self._step += 1
-        self.stats.check(self._max_bad_fraction)
         return batch
 
     def close(self) -> None:
@@ -288,6 +316,8 @@ class Stream(Iterator[Batch]):
         reader, self._reader, self._decoded = self._reader, None, None
         if reader is not None and hasattr(reader, "close"):
             reader.close()
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=False)
 
     def __del__(self) -> None:
         self.close()
@@ -320,12 +350,16 @@ class Stream(Iterator[Batch]):
             batch, self._buffer = self._buffer, None
             return self._finish(batch, np.ones(len(indices), bool))
         rows = [self._take(p) if r else None for p, r in zip(positions, real, strict=True)]
-        mask = np.ones(len(indices), bool)
-        for i in np.flatnonzero(real):
-            if rows[i] is None:
-                rows[i] = self._refill(int(indices[i]), int(positions[i]))
-                mask[i] = rows[i] is not None
-        mask &= real
+        missing = [i for i in np.flatnonzero(real) if rows[i] is None]
+        # In parallel: a dropped batch has `batch` rows to decode here (TF releases the GIL).
+        found = self._pool.map(lambda i: self._decode(int(indices[i]), int(positions[i])), missing)
+        for i, (row, bad, tried) in zip(missing, found, strict=True):
+            rows[i] = row
+            self.stats.read += tried
+            for name in bad:
+                self.stats.add_bad(name)
+        self.stats.check(self._max_bad_fraction)
+        mask = real & np.array([row is not None for row in rows])
         zeros = {k: np.zeros(s.shape[1:], s.dtype.as_numpy_dtype) for k, s in self._spec.items()}
         batch = {
             k: np.stack([row[k] if row is not None else zeros[k] for row in rows]) for k in zeros
@@ -333,7 +367,7 @@ class Stream(Iterator[Batch]):
         return self._finish(batch, mask)
 
     def _take(self, position: int) -> dict[str, np.ndarray] | None:
-        """The decoded row at `position`, or None if tf.data dropped it (undecodable)."""
+        """The decoded row at `position`, or None if tf.data dropped its batch."""
         ahead = self._peek()
         if ahead is None or ahead[0] != position:
             return None  # rows arrive in order: a later position means this one was dropped
@@ -341,45 +375,55 @@ class Stream(Iterator[Batch]):
         self._cursor += 1
         return row
 
-    def _refill(self, index: int, position: int) -> dict[str, np.ndarray] | None:
-        """A decoded replacement for the undecodable row (index, position), or None (masked)."""
+    def _decode_one(self, index: int, position: int) -> dict[str, np.ndarray] | None:
+        """Record `index` decoded at `position`, or None if it cannot be decoded.
+
+        A file that cannot be read raises (OSError names it): only decoding fails softly.
+        """
         tf = import_tf()
-        bad, attempt = index, 0
-        while True:
-            self.stats.add_bad(self._source.describe(bad))
-            self.stats.check(self._max_bad_fraction)
+        _, labels = self._source.read(np.array([index]))
+        example = {
+            "record": tf.constant(self._source.fetch(index)),
+            "label": tf.constant(0 if labels is None else int(labels[0]), tf.int32),
+            "position": tf.constant(position, tf.int64),
+            "index": tf.constant(index, tf.int64),
+        }
+        try:
+            return {k: v.numpy() for k, v in self._one(example).items()}
+        except tf.errors.OpError:
+            return None
+
+    def _decode(
+        self, index: int, position: int
+    ) -> tuple[dict[str, np.ndarray] | None, list[str], int]:
+        """(row or None if masked, names of the bad records met, extra records read).
+
+        The row's own record first (its batch may have been dropped for another row); if it is
+        undecodable, the plan's replacements in turn.
+        """
+        row = self._decode_one(index, position)
+        bad, tried, attempt = [], index, 0
+        while row is None:
+            bad.append(self._source.describe(tried))
             attempt += 1
-            candidate = self._plan.replacement(position, attempt)
-            if candidate is None:
-                log.warning("skipped undecodable %s (masked out)", self._source.describe(bad))
-                return None
             if attempt > MAX_REPLACEMENT_ATTEMPTS:
                 raise BadDataError(
-                    f"{MAX_REPLACEMENT_ATTEMPTS} records in a row after "
-                    f"{self._source.describe(index)} cannot be decoded; first: "
-                    f"{', '.join(self.stats.bad_names)}."
+                    f"{len(bad)} records in a row cannot be decoded: "
+                    f"{', '.join(bad[:_NAMED_BAD_FILES])}, ... Check the data."
                 )
-            self.stats.read += 1
-            records, labels = self._source.read(np.array([candidate]))
-            example = {
-                "record": tf.constant(records[0]),
-                "label": tf.constant(0 if labels is None else int(labels[0]), tf.int32),
-                "position": tf.constant(position, tf.int64),
-                "index": tf.constant(candidate, tf.int64),
-            }
-            try:
-                row = {k: v.numpy() for k, v in self._one(example).items()}
-            except tf.errors.OpError:
-                bad = candidate
-                continue
+            candidate = self._plan.replacement(position, attempt)
+            if candidate is None:
+                log.warning("skipped undecodable %s (masked out)", bad[0])
+                return None, bad, attempt - 1
+            tried = candidate
+            row = self._decode_one(tried, position)
+        if bad:
             log.warning(
-                "skipped undecodable %s, replaced by %s (%d of %d records read so far are bad)",
-                self._source.describe(index),
-                self._source.describe(candidate),
-                self.stats.bad,
-                self.stats.read,
+                "skipped undecodable %s, replaced by %s",
+                ", ".join(bad),
+                self._source.describe(tried),
             )
-            return row
+        return row, bad, attempt
 
     def _finish(self, batch: dict[str, np.ndarray], mask: np.ndarray) -> Batch:
         """Drops the bookkeeping keys; adds 'index' / 'mask' where asked."""
