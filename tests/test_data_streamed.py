@@ -375,3 +375,32 @@ def test_eval_masks_a_bad_file_out(bad_folder):
     x, y = data.eval_arrays(config, "test")  # every 5th file of a class: some are bad
     n = len(data.folder_splits(bad_folder)[1]["test"][0])
     assert 0 < len(x) <= n and len(x) == len(y)
+
+
+def test_an_in_memory_dataset_prepared_as_array_record_loads(tmp_path):
+    """CIFAR prepared as the streamed datasets are (tfds serves ArrayRecord only randomly)."""
+    registered = tfds.builder("cifar10")
+    rng = np.random.default_rng(0)
+
+    def examples(n):
+        return [
+            (
+                str(i),
+                {"id": str(i), "image": rng.integers(0, 256, (32, 32, 3), np.uint8), "label": 1},
+            )
+            for i in range(n)
+        ]
+
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="cifar10",
+        version=str(registered.version),
+        features=registered.info.features,
+        split_datasets={"train": examples(16), "test": examples(4)},
+        data_dir=str(tmp_path),
+        file_format="array_record",
+    )
+    config = make_config("cifar10", batch_size=8, data_dir=str(tmp_path), image_size=32)
+    x, y = data.eval_arrays(config, "test")
+    assert x.shape == (4, 32, 32, 3) and y.dtype == np.int32
+    batch = next(data.pretrain_iterator(config, process_index=0, process_count=1, start_step=1))
+    assert batch["image"].shape == (8, 32, 32, 3)

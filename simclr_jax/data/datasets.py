@@ -201,15 +201,24 @@ def memory_arrays(
     if config.dataset == "digits":
         images, labels = digits_arrays(size)[split]
         return images[: max_examples or None].copy(), labels[: max_examples or None].copy()
-    records = tfds_builder(config).as_dataset(
-        split=TFDS_SPLITS[config.dataset][split], shuffle_files=False
-    )
-    if max_examples:
-        records = records.take(max_examples)
-    # Batched reads: tfds' batch_size=-1 aborts the process under mock_data.
-    batches = list(records.batch(1024).as_numpy_iterator())
-    images = np.concatenate([b["image"] for b in batches])
-    labels = np.concatenate([b["label"] for b in batches]).astype(np.int32)
+    builder = tfds_builder(config)
+    tfds_split = TFDS_SPLITS[config.dataset][split]
+    formats = {f.value for f in builder.info.available_file_formats()}
+    if builder.is_prepared() and "tfrecord" not in formats:
+        # Prepared as ArrayRecord only (as the streamed datasets are): tfds serves it by random
+        # access, not as tf.data.
+        source = builder.as_data_source(tfds_split)
+        examples = [source[i] for i in range(min(len(source), max_examples or len(source)))]
+        images = np.stack([e["image"] for e in examples])
+        labels = np.array([e["label"] for e in examples], np.int32)
+    else:
+        records = builder.as_dataset(split=tfds_split, shuffle_files=False)
+        if max_examples:
+            records = records.take(max_examples)
+        # Batched reads: tfds' batch_size=-1 aborts the process under mock_data.
+        batches = list(records.batch(1024).as_numpy_iterator())
+        images = np.concatenate([b["image"] for b in batches])
+        labels = np.concatenate([b["label"] for b in batches]).astype(np.int32)
     if images.shape[1:3] != (size, size):
         images = to_uint8(resize_bilinear(images.astype(np.float32), size))
     return images, labels
