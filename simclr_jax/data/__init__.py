@@ -145,17 +145,18 @@ def pretrain_iterator(
     start_step: int = 0,
     with_index: bool = False,
 ) -> Iterator[Batch]:
-    """Endless per-host batches {'image': uint8 [b, S, S, 3], 'label': int32 [b]}.
+    """This host's endless batches {'image': uint8 [b, S, S, 3], 'label': int32 [b]}.
 
-    `with_index`: batches also carry 'index' int32 [b], each example's position in the training
-    split, the same on every host and after a resume (for a memory bank; a tfds stream is then
-    read without file shuffling, see `_indexed_tfds_records`).
-
-    With `config.data.host_crop` images are two host crops [b, 2, S, S, 3], or with
-    `config.data.host_size = H` the union of the two crop windows [b, H, H, 3] plus the windows
-    'crop': float32 [b, 2, 4] (y, x, h, w in its pixels) that `augment.views` cuts out on device.
-    `b = config.batch_size // process_count`; labels are -1 for unlabelled images. The
-    stream starts at global batch `start_step`. Close the iterator (or drop it) to stop its thread.
+    Rows [p*b, (p+1)*b) of every global batch from `start_step` on (the order in this module's
+    docstring), `b = config.batch_size // process_count`: the first batch comes in O(1) at any
+    step, and the hosts of a step hold exactly the one-host global batch.
+    `with_index`: batches also carry 'index' int32 [b], each example's index in the training
+    split (for a memory bank). With `config.data.host_crop` images are two host crops
+    [b, 2, S, S, 3], or with `config.data.host_size = H` the union of the two crop windows
+    [b, H, H, 3] plus the windows 'crop': float32 [b, 2, 4] (y, x, h, w in its pixels) that
+    `augment.views` cuts out on device. Labels are -1 for unlabelled images. A streamed
+    iterator's `stats` counts the records read and skipped as undecodable. Close the iterator
+    (or drop it) to stop its threads.
     """
     name = dataset_name(config)
     process_index = jax.process_index() if process_index is None else process_index
