@@ -159,8 +159,9 @@ def rss(args: argparse.Namespace) -> list[dict[str, Any]]:
             compiled.jit_init(lambda: models.init_variables(model, key, size))()
         )
         keep = {c: {k: variables[c][k] for k in ("encoder", "head")} for c in variables}
+        model_config = {**config.model.to_dict(), "head_out_scale": True}
         export = checkpoint.export_encoder(
-            os.path.join(tmp, "export"), keep, config.model.to_dict(), {"benchmark": True}
+            os.path.join(tmp, "export"), keep, model_config, {"benchmark": True}
         )
         print(f"| JPEGs ({args.jpeg_size} px) | peak RSS of --mode=linear_eval (MiB) | wall s |")
         print("|---|---|---|")

@@ -347,6 +347,9 @@ def export_encoder(
     The JSON (`export.json`) holds the architecture, so loading needs nothing from the run.
     The export is written beside the target and swapped in, so a crash leaves the old one.
     """
+    missing = sorted(set(_V1_MODEL_DEFAULTS) - set(model_config))
+    if missing:  # format 2 states every key (format 1 left these to defaults)
+        raise ValueError(f"export_encoder: the model description lacks {missing}")
     path = os.path.abspath(path)
     tmp = f"{path}.tmp-{_same_on_all_processes(int(time.time() * 1e6) % 10**9)}"
     _save_each_array_from_one_replica_on_cpu()

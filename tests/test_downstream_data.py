@@ -65,7 +65,8 @@ def export(folder, tmp_path_factory):
         col: {k: variables[col][k] for k in ("encoder", "head") if k in variables[col]}
         for col in ("params", "batch_stats")
     }
-    return checkpoint.export_encoder(path, keep, config.model.to_dict(), {"test": True})
+    model = {**config.model.to_dict(), "head_out_scale": True}
+    return checkpoint.export_encoder(path, keep, model, {"test": True})
 
 
 def test_streamed_linear_eval_learns_and_resumes_after_a_kill(folder, export, tmp_path):

@@ -59,7 +59,10 @@ def runs(tmp_path_factory):
     )
     keep = {col: {k: variables[col][k] for k in ("encoder", "head")} for col in variables}
     export = checkpoint.export_encoder(
-        str(root / "export"), keep, config.model.to_dict(), {"test": True}
+        str(root / "export"),
+        keep,
+        {**config.model.to_dict(), "head_out_scale": True},
+        {"test": True},
     )
     procs = {}
     for job, flags in JOBS.items():

@@ -11,7 +11,7 @@ from tiny import load_config, model_and_optimizer, tiny_config
 from tolerances import EPS32, assert_trees_close, fp32_rtol
 
 from simclr_jax import checkpoint, config_base, data, losses, modes
-from simclr_jax.data import datasets
+from simclr_jax.data import datasets, streams
 from simclr_jax.methods import instdisc
 from simclr_jax.pretrain import state as pretrain_state
 from simclr_jax.runtime import parallel
@@ -376,12 +376,14 @@ def test_image_folder_indices_are_positions_in_the_whole_split(tmp_path):
     paths = list(splits["train"][0])
     for p in (0, 1):
         it = data.pretrain_iterator(config, process_index=p, process_count=2, with_index=True)
-        for _ in range(3):
+        for step in range(3):
             b = next(it)
             for image, index in zip(b["image"], b["index"], strict=True):
                 grey = int(paths[index].split("/")[-2] == "b") * 4 + int(paths[index][-5])
                 assert abs(int(image[4, 4, 0]) - (40 * grey + 10)) <= 2
-                assert index % 2 == p  # host p reads files p, p + 2, ...
+            # Host p holds row p of each global batch of the whole split's seeded permutation.
+            want = streams.batch_indices(config.seed, len(paths), 2, step)[p : p + 1]
+            np.testing.assert_array_equal(b["index"], want)
 
 
 @pytest.mark.parametrize("dataset", ["imagenet2012", "stl10"])
@@ -402,6 +404,7 @@ def test_tfds_indices_number_the_whole_split_across_hosts_and_resume(dataset):
         last = next(resumed)["index"]
     assert n == (24 if dataset == "stl10" else 12)
     assert sorted(np.concatenate(seen).tolist()) == list(range(n))  # each example once
-    shares = [range(0, n // 2)] if dataset == "imagenet2012" else [range(0, 6), range(12, 18)]
-    assert set(seen[0].tolist()) == {i for r in shares for i in r}  # host 0: its even slices
+    for step in range(steps):  # hosts 0 and 1: the two halves of each global batch
+        rows = np.concatenate([seen[p][2 * step : 2 * step + 2] for p in (0, 1)])
+        np.testing.assert_array_equal(rows, streams.batch_indices(config.seed, n, 4, step))
     np.testing.assert_array_equal(last, seen[1][-2:])

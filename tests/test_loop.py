@@ -1,8 +1,8 @@
 """The one run loop on a toy step: health checks, the last good checkpoint, hooks, cadence."""
 
-import itertools
 import json
 import os
+import types
 
 import flax.struct
 import jax
@@ -20,6 +20,20 @@ class Toy(flax.struct.PyTreeNode):
 
     step: jax.Array
     params: jax.Array
+
+
+class _CountingBatches:
+    """Host batches with a stream's `stats` (as streamed data gives: bad files skipped)."""
+
+    def __init__(self):
+        self.stats = types.SimpleNamespace(bad=0)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.stats.bad += 1
+        return {"x": np.ones((8, 1), np.float32)}
 
 
 def _toy_run(tmp_path, bad_key: str, bad_step: int, **run_kwargs):
@@ -41,7 +55,7 @@ def _toy_run(tmp_path, bad_key: str, bad_step: int, **run_kwargs):
     run = loop.Run(
         name="toy",
         step_fn=step,
-        host_batches=lambda: itertools.repeat({"x": np.ones((8, 1), np.float32)}),
+        host_batches=_CountingBatches,
         mesh=mesh,
         total_steps=10,
         steps_per_epoch=5,
@@ -107,5 +121,7 @@ def test_hooks_cadence_metrics_and_the_final_checkpoint(tmp_path):
     for r in rows:
         np.testing.assert_allclose(r["update_norm"], 2.0)  # params + 1 on each of 4 entries
         assert r["images_per_sec"] > 0 and r["epoch"] == r["step"] / 5
+        # Batches read so far (one ahead of the step): the count streamed data reports.
+        assert r["skipped_files"] == r["step"] + 1
     saved = sorted(int(s) for s in os.listdir(checkpoint.checkpoint_dir(str(tmp_path))))
     assert saved == [2, 4, 6, 8, 10]

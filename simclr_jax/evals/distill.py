@@ -248,7 +248,9 @@ def _export_student(
     source = {"workdir": os.path.abspath(workdir), "job": JOB, "supervised_head": head, **info}
     source["config"] = config.to_dict()
     path = checkpoint.export_dir(workdir)
-    return checkpoint.export_encoder(path, exported, student.model_config.to_dict(), source)
+    # The student has no projection head; the key is stated as every export states it.
+    model = {"head_out_scale": True, **student.model_config.to_dict()}
+    return checkpoint.export_encoder(path, exported, model, source)
 
 
 def distill(

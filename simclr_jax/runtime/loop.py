@@ -282,6 +282,9 @@ def run(r: Run, state: Any, start_step: int) -> Outcome:
                     now = time.perf_counter()
                     m["images_per_sec"] = (step - step_logged) * r.batch_size / (now - t_last)
                     m["epoch"] = step / r.steps_per_epoch
+                    stats = getattr(host_iter, "stats", None)  # streamed data counts bad files
+                    if stats is not None:
+                        m["skipped_files"] = float(stats.bad)  # this host's, since the start
                     t_last, step_logged = now, step
                     r.writer.write(step, m)
                     bar.set_postfix(**{k: f"{m[v]:.3g}" for k, v in r.show.items() if v in m})
