@@ -144,7 +144,7 @@ def test_export_torch_refuses_sk_and_notes_the_pool_of_plain(official, tmp_path,
     assert "max-pool" in capsys.readouterr().out
 
 
-def _one_line_error(source: str, workdir: str, match: str) -> str:
+def _one_line_error(source: str, workdir: str, match: str | None) -> str:
     with pytest.raises((checkpoint.CheckpointError, ValueError), match=match) as info:
         _import(source, workdir)
     msg = str(info.value)
@@ -215,7 +215,7 @@ def test_random_files_named_like_a_checkpoint_are_one_line_errors(tmp_path):
         folder.mkdir()
         for f in files:
             (folder / f).write_bytes(bytes(rng.integers(128, 256, 300, dtype=np.uint8)))
-        msg = _one_line_error(str(folder), str(tmp_path / f"w_{name}"), "")
+        msg = _one_line_error(str(folder), str(tmp_path / f"w_{name}"), None)
         assert str(folder) in msg and ("checkpoint" in msg), msg
     assert "'checkpoint' file" in _one_line_error(
         str(tmp_path / "garbled_state"), str(tmp_path / "w_again"), "not a TensorFlow checkpoint"
@@ -223,5 +223,5 @@ def test_random_files_named_like_a_checkpoint_are_one_line_errors(tmp_path):
     stale = tmp_path / "stale_state"
     stale.mkdir()
     (stale / "checkpoint").write_text('model_checkpoint_path: "ckpt-9"\n')
-    msg = _one_line_error(str(stale), str(tmp_path / "w_stale"), "")
+    msg = _one_line_error(str(stale), str(tmp_path / "w_stale"), None)
     assert str(stale) in msg, msg
