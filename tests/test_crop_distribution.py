@@ -15,6 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from tiny import data_config
 
 from simclr_jax import augment, data
 from simclr_jax.data import streams
@@ -149,24 +150,16 @@ def test_pipeline_crops_exactly_the_sampled_windows(tmp_path, height, width, hos
             image.save(tmp_path / "a" / f"{i}.png")
         else:
             image.save(tmp_path / "a" / f"{i}.jpg", quality=100, subsampling=0)
-    config = ml_collections.ConfigDict(
-        dict(
-            dataset="image_folder",
-            seed=3,
-            batch_size=8,
-            data=dict(
-                image_size=size,
-                data_dir=None,
-                manual_dir=None,
-                folder=str(tmp_path),
-                host_crop=True,
-                host_size=host_size,
-                shuffle_buffer=16,
-                prefetch=0,
-                num_threads=1,
-                eval_max_examples=0,
-            ),
-        )
+    config = data_config(
+        "image_folder",
+        8,
+        seed=3,
+        image_size=size,
+        folder=str(tmp_path),
+        host_crop=True,
+        host_size=host_size,
+        prefetch=0,
+        num_threads=1,
     )
     iterator = data.pretrain_iterator(config, process_index=0, process_count=1)
     batches = [next(iterator) for _ in range(4)]

@@ -12,6 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from tiny import data_config
 
 from simclr_jax import data
 from simclr_jax.data import datasets, decode, streams
@@ -34,9 +35,7 @@ def make_config(
         eval_max_examples=0,
     )
     fields.update(data_fields)
-    return ml_collections.ConfigDict(
-        dict(dataset=dataset, seed=0, batch_size=batch_size, data=fields)
-    )
+    return data_config(dataset, batch_size, seed=0, **fields)
 
 
 def take(iterator, n: int) -> list[dict[str, np.ndarray]]:

@@ -12,6 +12,7 @@ import os
 import ml_collections
 import numpy as np
 import pytest
+from tiny import data_config
 
 from simclr_jax import data
 from simclr_jax.data import labelled, pipeline, sources, streams
@@ -36,9 +37,7 @@ def make_config(dataset: str, batch_size: int = 4, **data_fields) -> ml_collecti
         eval_max_examples=0,
     )
     fields.update(data_fields)
-    return ml_collections.ConfigDict(
-        dict(dataset=dataset, seed=3, batch_size=batch_size, data=fields)
-    )
+    return data_config(dataset, batch_size, seed=3, **fields)
 
 
 def take(iterator, n: int) -> list[dict[str, np.ndarray]]:

@@ -64,3 +64,13 @@ def model_and_optimizer(config, steps_per_epoch: int | None = None):
     info = data.dataset_info(config)
     spe = steps_per_epoch or info.num_train_examples // config.batch_size
     return pretrain_state.model_and_optimizer(config, info.num_classes, spe)
+
+
+def data_config(dataset: str, batch_size: int, seed: int, **data_fields):
+    """The data layer's view of a run: the schema's `data` section with `data_fields` set."""
+    import ml_collections
+
+    fields = {**config_base.base_config().data.to_dict(), **data_fields}
+    return ml_collections.ConfigDict(
+        dict(dataset=dataset, seed=seed, batch_size=batch_size, data=fields)
+    )

@@ -74,7 +74,7 @@ if TYPE_CHECKING:
 
 def _pretrain_prepare(config: ml_collections.ConfigDict) -> Prepare:
     """(encoded image, stream position) -> {'image'[, 'crop']}: the pretraining decode."""
-    size, host_size = config.data.image_size, getattr(config.data, "host_size", 0)
+    size, host_size = config.data.image_size, config.data.host_size
     if not config.data.host_crop:
         return decoder("centre", size)
     # Two independent crops of the original image, cut out here or (host_size) on device. One
@@ -170,7 +170,7 @@ def pretrain_iterator(
         raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
     batch = config.batch_size // process_count
     if name in IN_MEMORY_DATASETS:
-        if config.data.host_crop or getattr(config.data, "host_size", 0):
+        if config.data.host_crop or config.data.host_size:
             raise ValueError(
                 f"config.data.host_crop and host_size are for {', '.join(STREAMED_DATASETS)}, "
                 f"not {name}."

@@ -61,8 +61,8 @@ _NAMED_BAD_FILES = 5  # files a stop names
 
 
 def max_bad_fraction(config: ml_collections.ConfigDict) -> float:
-    """config.data.max_bad_fraction, or MAX_BAD_FRACTION where a config predates the key."""
-    return float(getattr(config.data, "max_bad_fraction", MAX_BAD_FRACTION))
+    """config.data.max_bad_fraction (the schema's default is MAX_BAD_FRACTION)."""
+    return float(config.data.max_bad_fraction)
 
 
 class BadDataError(ValueError):
@@ -137,8 +137,8 @@ def _element_fn(serialized: bool, prepare: Prepare, paths: bool = False) -> Any:
 
 
 def read_threads(config: ml_collections.ConfigDict) -> int:
-    """config.data.read_threads, or READ_THREADS where a config predates the key."""
-    return int(getattr(config.data, "read_threads", READ_THREADS))
+    """config.data.read_threads (the schema's default is READ_THREADS)."""
+    return int(config.data.read_threads)
 
 
 def _reader(
