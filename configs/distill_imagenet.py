@@ -1,4 +1,4 @@
-"""SimCLR v2's distillation on ImageNet (Chen et al. 2020, arXiv 2006.10029, section 4).
+"""SimCLR v2's distillation on ImageNet (Chen et al. 2020, arXiv 2006.10029).
 
     # a teacher: your own fine-tuned run (--mode=finetune ... --config.finetune.subset=10pct
     # --config.finetune.from_head_layer=1), or one of Google's fine-tuned v2 releases imported
@@ -14,11 +14,15 @@
         --mode=distill --config.distill.teacher=runs/r152_3x_sk1_ft10 \\
         --config.distill.student=model --config.distill.temperature=1.0
 
-The paper's settings: only unlabelled examples; the pretraining's learning-rate schedule, weight
-decay and batch (LARS, 5% warm-up to 6.4 = 0.1 x sqrt(4096), cosine decay, weight decay 1e-4,
-batch 4096), 400 epochs; temperature 0.1 for self-distillation, 1.0 for big-to-small ("the
-effect of temperatures between 0.1 and 1 is very small"). The teacher runs in inference mode on
-the same crop + flip the student sees, every step (no cached predictions).
+The paper's settings (section 3.1; what each value rests on: the comments below and
+docs/training.md): unlabelled examples only, LARS (momentum 0.9), temperature 0.1 for
+self-distillation and 1.0 for big-to-small, 400 epochs, random crop + flip only. The
+learning-rate schedule, weight decay and batch are the pretraining's (our reading of the
+paper, not checked against its text here): peak 0.1 x sqrt(B) = 6.4 after a 5% warm-up, then
+cosine decay (the authors in google-research/simclr#77), weight decay 1e-4 (that repository's
+README pretraining command) and batch 4096. The teacher runs in inference mode on the same
+crop + flip the student sees, every step (a cache of its predictions, distill.cache_teacher,
+fits only augment=False).
 """
 
 from simclr_jax.config_base import sibling_config
@@ -30,15 +34,15 @@ def get_config():
     c.distill.teacher = ""  # required: a --mode=finetune workdir or an export with a classifier
     c.distill.teacher_head_layer = -1  # 1 for Google's fine-tuned v2 releases (see above)
     c.distill.student = "teacher"  # self-distillation; 'model': config.model (ResNet-50 here)
-    c.distill.temperature = 0.1  # 1.0 for big-to-small
-    c.distill.label_weight = 0.0  # unlabelled images only
-    c.distill.epochs = 400.0
-    c.distill.batch_size = 4096
-    c.distill.optimizer = "lars"
-    c.distill.base_lr = 0.1
+    c.distill.temperature = 0.1  # the paper's for self-distillation; 1.0 for big-to-small
+    c.distill.label_weight = 0.0  # the paper's default: unlabelled examples only
+    c.distill.epochs = 400.0  # the paper
+    c.distill.batch_size = 4096  # the pretraining's (the paper: 4096, on 128 TPU cores)
+    c.distill.optimizer = "lars"  # the paper: LARS (momentum 0.9) for every step
+    c.distill.base_lr = 0.1  # the pretraining's 0.1 x sqrt(B) (google-research/simclr#77)
     c.distill.lr_scaling = "sqrt"  # peak 0.1 x sqrt(4096) = 6.4
-    c.distill.weight_decay = 1e-4
-    c.distill.warmup_epochs = 20.0  # 5% of 400 epochs
-    c.distill.augment = True  # random resized crop + flip on device
+    c.distill.weight_decay = 1e-4  # the pretraining's (google-research/simclr README)
+    c.distill.warmup_epochs = 20.0  # 5% of the 400 epochs, as the pretraining's 5%
+    c.distill.augment = True  # random resized crop + flip on device (the paper's only ones)
     c.distill.eval_every_epochs = 50.0  # top-1 / top-5 on the 50k validation images
     return c

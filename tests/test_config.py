@@ -77,6 +77,11 @@ def test_allowed_values_are_their_owners_constants():
             schema.DOWNSTREAM_OPTIMIZERS,
         ),
         ({"eval": {"linear_mode": "x"}}, "eval.linear_mode='x'", schema.LINEAR_MODES),
+        (
+            {"distill": {"shard_teacher": "x"}},
+            "distill.shard_teacher='x'",
+            schema.TEACHER_SHARDINGS,
+        ),
         ({"simclr": {"loss_impl": "ring"}}, "simclr.loss_impl='ring'", simclr.LOSS_IMPLS),
     ]
     for sections, named, allowed in cases:

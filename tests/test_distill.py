@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from tiny import tiny_config
-from tolerances import assert_trees_close, fp32_rtol
+from tolerances import assert_trees_close, fp32_atol, fp32_rtol
 
-from simclr_jax import checkpoint, models, modes
+from simclr_jax import checkpoint, data, models, modes
 from simclr_jax.data import labelled
-from simclr_jax.evals import classifier, distill, finetune
+from simclr_jax.evals import classifier, distill, distill_cache, finetune
 from simclr_jax.evals.classifier import ClassifierState
-from simclr_jax.evals.distill_teacher import load_teacher
+from simclr_jax.evals.distill_teacher import load_teacher, teacher_shardings
 from simclr_jax.runtime import parallel
 
 
@@ -119,8 +119,9 @@ def _hand_run(config, devices, steps):
     state = jax.device_put(
         ClassifierState(jnp.zeros((), jnp.int32), params, stats, tx.init(params)), rep
     )
-    teacher_vars = jax.device_put(t.variables, rep)
-    step = distill.jitted_step(config, student, t, tx, schedule, mesh)
+    placement = teacher_shardings(config, t, mesh)
+    teacher_vars = jax.device_put(t.variables, placement or rep)
+    step = distill.jitted_step(config, student, t, tx, schedule, mesh, placement)
     batches = distill.host_batches(config, z["batch"], z["label_batch"], 0)
     states, metrics = [jax.device_get(state)], []
     for _ in range(steps):
@@ -128,7 +129,7 @@ def _hand_run(config, devices, steps):
         states.append(jax.device_get(state))
         metrics.append(jax.device_get(m))
     batches.close()
-    return states, metrics, t, jax.device_get(teacher_vars)
+    return states, metrics, t, teacher_vars
 
 
 def test_sharded_step_equals_one_device_and_the_teacher_stays_frozen(teacher):
@@ -137,6 +138,7 @@ def test_sharded_step_equals_one_device_and_the_teacher_stays_frozen(teacher):
     s1, m1, t, after1 = _hand_run(config, jax.devices()[:1], 2)
     s8, m8, _, after8 = _hand_run(config, jax.devices(), 2)
     for after in (after1, after8):  # passed to every step, never changed (nor donated)
+        after = jax.device_get(after)
         for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(t.variables), strict=True):
             np.testing.assert_array_equal(a, b)
     assert set(t.variables["params"]) == {"encoder", "head", "classifier"}  # head layer 1
@@ -198,6 +200,100 @@ def test_run_resumes_after_a_kill_to_the_uninterrupted_result(teacher, tmp_path,
         distill.distill(changed, workdir)
 
 
+def test_sharded_teacher_step_equals_the_replicated_one(teacher):
+    # distill.shard_teacher='sharded' on 8 devices: each stores 1/8 of the teacher's large leaves.
+    s_rep, m_rep, _, _ = _hand_run(_config(teacher), jax.devices(), 2)  # compiled above
+    s_fsdp, m_fsdp, t, placed = _hand_run(
+        _config(teacher, shard_teacher="sharded"), jax.devices(), 2
+    )
+    kernel = placed["params"]["encoder"]["stage4_block2"]["conv2"]["kernel"]  # [3, 3, 32, 32]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "data")
+    assert kernel.addressable_shards[0].data.shape == (3, 3, 32, 4)
+    sharded = [
+        x for x in jax.tree.leaves(placed) if x.sharding.spec != jax.sharding.PartitionSpec()
+    ]
+    assert len(sharded) >= len(jax.tree.leaves(placed)) // 3  # kernels and >= 8-channel BNs
+    # The gathered weights are the replicated ones; XLA may split the teacher's convolutions
+    # differently, so its logits, and the student's steps, agree to the float32 rounding of the
+    # teacher's forward added to the step's (the 8 vs 1 device bounds above).
+    n, depth = 128 * 8 * 8, 3 * 17 + 2
+    for a, b in zip(m_fsdp, m_rep, strict=True):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=fp32_rtol(n, 2 * depth))
+    assert_trees_close(s_fsdp[1], s_rep[1], before=s_rep[0], reduction_len=n, depth=3 * depth)
+    assert_trees_close(s_fsdp[2], s_rep[2], before=s_rep[1], reduction_len=n, depth=5 * depth)
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(placed)), jax.tree.leaves(t.variables), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)  # frozen, sharded or not
+
+
+def test_cached_teacher_run_equals_the_forward_and_a_resume_reuses_the_cache(
+    teacher, tmp_path, monkeypatch
+):
+    # Without augmentation the teacher's logits of an image never change: cached or computed in
+    # the step, the student learns the same targets (15 chunks of 96 images for 1437 digits).
+    forward = distill.distill(_config(teacher, augment=False), str(tmp_path / "forward"))
+    config = _config(teacher, augment=False, cache_teacher=True)
+    workdir = str(tmp_path / "cached")
+    write, written = distill_cache._write_chunk, []
+
+    def killed_after_three(root, first, chunk):  # like SIGKILL in the cache pass
+        if len(written) == 3:
+            raise Killed
+        write(root, first, chunk)
+        written.append(first)
+
+    monkeypatch.setattr(distill_cache, "_write_chunk", killed_after_three)
+    with pytest.raises(Killed):
+        distill.distill(config, workdir)
+    cache = distill_cache.cache_dir(workdir)
+    assert sorted(os.listdir(cache)) == ["cache.json"] + [f"logits_{i:010d}.npy" for i in written]
+    # Rerun: the pass forwards only the images no chunk holds; then training dies at batch 8.
+    written.clear()
+    monkeypatch.setattr(distill_cache, "_write_chunk", lambda *a: written.append(a[1]) or write(*a))
+    real = labelled.labelled_train_iterator
+
+    def dying(*args, **kwargs):
+        it = real(*args, **kwargs)
+        for _ in range(8):
+            yield next(it)
+        raise Killed
+
+    monkeypatch.setattr(labelled, "labelled_train_iterator", dying)
+    with pytest.raises(Killed):
+        distill.distill(config, workdir)
+    assert written == list(range(288, 1437, 96))
+    assert json.load(open(os.path.join(cache, "cache.json")))["complete"] is True
+    monkeypatch.undo()
+
+    def no_teacher(*args):
+        raise AssertionError("the resumed run recomputed the cache")
+
+    monkeypatch.setattr(distill_cache, "_forward", no_teacher)
+    resumed = distill.distill(config, workdir)
+    # The cache holds image i's logits at row i: the teacher's on the train digits in order.
+    t = load_teacher(config, 10)
+    mesh = parallel.make_mesh()
+    cached = distill_cache.teacher_cache(config, workdir, t, {}, None, mesh)  # read, not run
+    images = data.eval_arrays(config, "train")[0].astype(np.float32) / 255.0
+    want = jax.jit(lambda v, x: t.model.apply(v, x, train=False))(t.variables, images)
+    # Inference: the longest sum is a 3 x 3 x 32 convolution; 17 of them, the head, classifier.
+    np.testing.assert_allclose(cached, want, rtol=0, atol=fp32_atol(want, 9 * 32, 20))
+    # The runs learn the same targets: their losses and students agree to the rounding of
+    # 11 steps of forward and backward (the teacher's rows come from other batches).
+    n, depth = 128 * 8 * 8, 11 * 2 * (3 * 17 + 2)
+
+    def losses(name):  # by step: the resumed run logs steps 8 and 11 again
+        rows = [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")]
+        return {r["step"]: r["distill_loss"] for r in rows if "loss" in r}
+
+    assert losses("cached").keys() == losses("forward").keys() == {4, 8, 11}
+    for step, loss in losses("forward").items():
+        np.testing.assert_allclose(losses("cached")[step], loss, rtol=fp32_rtol(n, depth))
+    assert (resumed["top1"], resumed["top5"]) == (forward["top1"], forward["top5"])
+    assert_trees_close(resumed["variables"], forward["variables"], reduction_len=n, depth=depth)
+
+
 def test_an_imported_official_teacher_distils(tmp_path):
     ref = pytest.importorskip("simclr_tf_reference")
     official = ref.Model(18, 4, 0.0, head_layers=3, out_dim=8, num_classes=10, seed=3,
@@ -234,6 +330,8 @@ def test_bad_teachers_and_students_are_refused_at_start(teacher, tmp_path):
         assert not os.path.exists(workdir)  # nothing written
 
     refused(_config(""), "--config.distill.teacher")
+    # A cache holds one view per image: with crops the teacher must see the student's.
+    refused(_config(teacher, cache_teacher=True), "distill.cache_teacher=True", "augment=False")
     no_head = _export_of_a_random_encoder(str(tmp_path / "pretrained"))
     refused(_config(no_head), no_head, "no classifier head")
     five = _export_of_a_random_encoder(str(tmp_path / "five"), num_classes=5)

@@ -29,7 +29,8 @@ RESUME_SAFE_KEYS: dict[str, tuple[str, ...]] = {
     "pretrain": COMMON_SAFE_KEYS + ("eval.", "init_from", "finetune.", "distill."),
     "linear_eval": COMMON_SAFE_KEYS + _DOWNSTREAM_EXTRA,
     "finetune": COMMON_SAFE_KEYS + _DOWNSTREAM_EXTRA,
-    "distill": COMMON_SAFE_KEYS + ("distill.eval_every_epochs", "eval.batch_size"),
+    "distill": COMMON_SAFE_KEYS
+    + ("distill.eval_every_epochs", "distill.shard_teacher", "eval.batch_size"),
 }
 
 

@@ -22,6 +22,7 @@ LINEAR_MODES = ("features", "streamed")  # eval.linear_mode: the end-of-run prob
 DOWNSTREAM_OPTIMIZERS = ("sgd", "lars")  # linear_eval.optimizer and finetune.optimizer
 DOWNSTREAM_SECTIONS = ("linear_eval", "finetune", "distill")  # sections with the same training keys
 DISTILL_STUDENTS = ("teacher", "model")  # distill.student: the teacher's encoder or config.model
+TEACHER_SHARDINGS = ("auto", "replicated", "sharded")  # distill.shard_teacher
 IMAGE_SIZE = 224  # ImageNet's: data.image_size and augment.image_size by default
 
 
@@ -118,8 +119,11 @@ def shared_config() -> ml_collections.ConfigDict:
     # protocol, streamed images with augmentation (the only choice for ImageNet-size data).
     c.linear_eval.precompute_features = False
 
-    # --mode=finetune: SimCLR v2 semi-supervised fine-tuning (LARS, LR 0.16 x sqrt(B), batch
-    # 1024, no weight decay; 60 epochs on 1% of the labels, 30 on 10%).
+    # --mode=finetune: SimCLR v2 semi-supervised fine-tuning, google-research/simclr README's
+    # command for 1% of ImageNet ("--optimizer=lars --learning_rate=0.005
+    # --learning_rate_scaling=sqrt --weight_decay=0 --train_epochs=60 --train_batch_size=1024
+    # --warmup_epochs=0 --global_bn=True --ft_proj_selector=1"): peak 0.005 x sqrt(1024) = 0.16,
+    # the paper's ResNet-50 value; 30 epochs on 10% of the labels (the paper, section 3.1).
     c.finetune = ml_collections.ConfigDict()
     c.finetune.label_fraction = 1.0  # class-balanced, seeded subset of the labels (0.01, 0.1)
     c.finetune.subset = ""  # '1pct' / '10pct': ImageNet's official subsets; or a file of names
@@ -128,18 +132,20 @@ def shared_config() -> ml_collections.ConfigDict:
     c.finetune.epochs = 60.0
     c.finetune.batch_size = 1024  # global; capped at the labelled examples
     c.finetune.optimizer = "lars"  # 'lars' or 'sgd' (momentum, Nesterov)
-    c.finetune.base_lr = 0.16
+    c.finetune.base_lr = 0.005  # x sqrt(B): 0.16 at batch 1024
     c.finetune.lr_scaling = "sqrt"
     c.finetune.momentum = 0.9
     c.finetune.weight_decay = 0.0
     c.finetune.warmup_epochs = 0.0  # linear warm-up, then cosine decay over finetune.epochs
     c.finetune.augment = True  # random resized crop + flip on device
 
-    # --mode=distill: SimCLR v2's third step (Chen et al. 2020, arXiv 2006.10029, section 4): a
-    # student learns the fine-tuned teacher's softmax(logits / T) on the unlabelled train images
-    # with the pretraining's schedule, weight decay and batch (LARS, peak 0.1 x sqrt(4096) = 6.4
-    # after a 5% warm-up, wd 1e-4, batch 4096), 400 epochs; T = 0.1 for self-distillation (1.0
-    # for big-to-small). google-research/simclr ships no distillation training code.
+    # --mode=distill: SimCLR v2's third step (Chen et al. 2020, arXiv 2006.10029, section 3.1):
+    # a student learns the fine-tuned teacher's softmax(logits / T) on the unlabelled train
+    # images only, LARS (momentum 0.9), T = 0.1 for self-distillation and 1.0 for big-to-small,
+    # 400 epochs, random crop + flip only. The LR, weight decay and batch are the pretraining's
+    # (our reading of the paper; not checked against its text here): peak 0.1 x sqrt(B) after a
+    # 5% warm-up (the authors in google-research/simclr#77), weight decay 1e-4 (that README's
+    # pretraining command), batch 4096. google-research/simclr ships no distillation training.
     c.distill = ml_collections.ConfigDict()
     c.distill.teacher = ""  # a fine-tune run's workdir, or an export with a classifier head
     # The projection-head layer the teacher's classifier reads: -1 = what the teacher records (a
@@ -161,6 +167,13 @@ def shared_config() -> ml_collections.ConfigDict:
     c.distill.weight_decay = 1e-4
     c.distill.warmup_epochs = 20.0  # 5% of the 400 epochs, then cosine decay
     c.distill.augment = True  # random resized crop + flip on device (both nets see the same view)
+    # True: the teacher's logits are computed once per train image into WORKDIR/teacher_cache/
+    # and read by the step instead of its forward (small datasets). Needs augment=False: a
+    # cache holds one view per image, and with crops the teacher must see the student's view.
+    c.distill.cache_teacher = False
+    # The teacher's variables on the mesh: 'replicated', 'sharded' (FSDP-style over 'data',
+    # gathered by XLA in the forward) or 'auto' (sharded when larger than 1 GiB).
+    c.distill.shard_teacher = "auto"
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.enabled = False  # call jax.distributed.initialize (auto on TPU VM / SLURM)
@@ -292,6 +305,19 @@ def _validate_downstream(c: ml_collections.ConfigDict) -> None:
     check(d.student in DISTILL_STUDENTS, "distill.student", d.student, _one_of(DISTILL_STUDENTS))
     check(d.teacher_head_layer >= -1, "distill.teacher_head_layer", d.teacher_head_layer, ">= -1")
     check(d.eval_every_epochs >= 0, "distill.eval_every_epochs", d.eval_every_epochs, ">= 0")
+    check(
+        not (d.cache_teacher and d.augment),
+        "distill.cache_teacher",
+        d.cache_teacher,
+        "False with distill.augment=True (the teacher must see each step's crop; set "
+        "distill.augment=False to cache its predictions on the centre view)",
+    )
+    check(
+        d.shard_teacher in TEACHER_SHARDINGS,
+        "distill.shard_teacher",
+        d.shard_teacher,
+        _one_of(TEACHER_SHARDINGS),
+    )
     for name in DOWNSTREAM_SECTIONS:
         s = c[name]
         check(s.epochs > 0, f"{name}.epochs", s.epochs, "> 0")

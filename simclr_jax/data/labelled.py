@@ -134,6 +134,7 @@ def labelled_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     start_step: int = 0,
+    with_index: bool = False,
 ) -> Iterator[Batch]:
     """Endless per-host labelled train batches {'image': uint8 [b, H, H, 3], 'label': int32 [b]}.
 
@@ -143,8 +144,12 @@ def labelled_train_iterator(
     ImageNet subset or a file of image names: index lists on the same source). With `augment` the
     host sends the whole centre square at `data.host_size` (or `data.image_size`) for the
     device's random resized crop; without it, the eval centre crop at `data.image_size`.
+    `with_index` (without `keep` or `subset`): batches also carry 'index' int32 [b], each
+    example's row in the train split (e.g. to look up a cache of per-image values).
     """
     dataset_name(config)
+    if with_index and (keep is not None or subset):
+        raise ValueError("with_index is for the whole train split (no keep, no subset)")
     process_index, _, b = _hosts(batch_size, process_index, process_count)
     keep = _train_keep(config, keep, subset)
     _check_labelled(config, "train")
@@ -153,7 +158,7 @@ def labelled_train_iterator(
         if len(labels) < batch_size:
             raise ValueError(f"batch_size={batch_size} > {len(labels)} labelled train examples.")
         rows = slice(process_index * b, (process_index + 1) * b)
-        batches = memory_batches(images, labels, seed, batch_size, rows, start_step)
+        batches = memory_batches(images, labels, seed, batch_size, rows, start_step, with_index)
     else:
         source = open_source(config, "train")
         n = len(keep) if keep is not None else len(source)
@@ -171,6 +176,7 @@ def labelled_train_iterator(
             TrainPlan(seed, n, batch_size, process_index * b, b, keep),
             decoder("centre", side, fraction=fraction),
             start_step=start_step,
+            with_index=with_index,
             max_bad_fraction=max_bad_fraction(config),
         )
     return Prefetcher(batches, config.data.prefetch) if config.data.prefetch > 0 else batches

@@ -262,13 +262,18 @@ def evaluate_classifier(
     mesh: Mesh,
     *,
     max_examples: int = 0,
+    variables_shardings: Any = None,
 ) -> dict[str, float]:
-    """`{'top1', 'top5', 'num_examples'}` on the whole test split, streamed per host."""
+    """`{'top1', 'top5', 'num_examples'}` on the whole test split, streamed per host.
+
+    `variables_shardings`: how `variables` lie on the mesh (default: replicated).
+    """
     rep = parallel.replicated(mesh)
+    placed = rep if variables_shardings is None else variables_shardings
     fn = compiled.cached(
         lambda: jax.jit(
             functools.partial(_eval_counts, model=model),
-            in_shardings=(rep, parallel.data_sharded(mesh)),
+            in_shardings=(placed, parallel.data_sharded(mesh)),
             out_shardings=rep,
         ),
     )

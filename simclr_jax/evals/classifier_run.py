@@ -63,15 +63,17 @@ def _split_variables(run: ClassifierRun) -> tuple[dict[str, Any], dict[str, Any]
     return trainable, frozen, ({} if freeze else run.variables["batch_stats"])
 
 
-def jit_step(step: Callable[..., Any], mesh: Mesh) -> Any:
+def jit_step(step: Callable[..., Any], mesh: Mesh, frozen_shardings: Any = None) -> Any:
     """`step(state, frozen, batch)` jitted over `mesh`: state donated, state and frozen
     variables replicated, the batch split on 'data' (one compile per process for equal inputs).
+    `frozen_shardings`: the frozen variables' shardings instead (e.g. a sharded teacher's).
     """
     rep = parallel.replicated(mesh)
+    frozen = rep if frozen_shardings is None else frozen_shardings
     return compiled.cached(
         lambda: jax.jit(
             loop.with_update_norm(step),
-            in_shardings=(rep, rep, parallel.data_sharded(mesh)),
+            in_shardings=(rep, frozen, parallel.data_sharded(mesh)),
             out_shardings=(rep, rep),
             donate_argnums=(0,),
         )

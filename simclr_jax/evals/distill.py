@@ -7,11 +7,13 @@ read), the cross-entropy between the teacher's `softmax(t / T)` and its own `sof
 (the paper's equation 2), optionally mixed with the cross-entropy on `finetune`'s labelled subset
 (equation 3). Both networks see the same device crop + flip of each image; the teacher
 (`distill_teacher`) runs in inference mode inside the same jitted step, its variables replicated
-and passed as an argument, never updated. The run is the run loop's: checkpoints with the data
+or, when large, sharded over the devices (`distill.shard_teacher`), passed as an argument and
+never updated. The run is the run loop's: checkpoints with the data
 position, bit-exact resume, health checks, preemption, metrics. At the end: the student's and the
 teacher's top-1 / top-5 on the whole eval split in `WORKDIR/distill.json`, and the student
 exported to `WORKDIR/export/` (its classifier as `params['linear_head']`, so it can teach too).
-Teacher predictions are computed on the fly (no per-image cache).
+Teacher predictions are computed on the fly, or with `distill.cache_teacher` (and no
+augmentation) once per image into the workdir and read by the step (`distill_cache`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ import optax
 
 from simclr_jax import augment, checkpoint, config_base, data
 from simclr_jax.data import labelled
-from simclr_jax.evals import classifier, classifier_run, finetune
+from simclr_jax.evals import classifier, classifier_run, distill_cache, finetune
 from simclr_jax.evals.classifier import Classifier, ClassifierState
-from simclr_jax.evals.distill_teacher import Teacher, check_fits, load_teacher
+from simclr_jax.evals.distill_teacher import Teacher, check_fits, load_teacher, teacher_shardings
 from simclr_jax.runtime import compiled, keys, loop, parallel
 from simclr_jax.runtime.metric_writer import MetricWriter
 
@@ -82,11 +84,17 @@ def distill_train_step(
     temperature: float,
     label_weight: float,
 ) -> tuple[ClassifierState, dict[str, jax.Array]]:
-    """One student update on a crop + flip view that teacher and student both see; global BN."""
+    """One student update on a crop + flip view that teacher and student both see; global BN.
+
+    With `batch['teacher_logits']` (a cache, for un-augmented views) the teacher does not run.
+    """
     # The downstream jobs' step keys: crops depend on (seed, step) only, so a resume redraws them.
     key = jax.random.fold_in(keys.derive(seed, keys.CLASSIFIER_STEPS), state.step)
     x = augment.views(key, batch["image"], aug_cfg, num_views=1)[0]
-    teacher_logits = jax.lax.stop_gradient(teacher.apply(teacher_variables, x, train=False))
+    if "teacher_logits" in batch:
+        teacher_logits = batch["teacher_logits"]
+    else:
+        teacher_logits = jax.lax.stop_gradient(teacher.apply(teacher_variables, x, train=False))
     n = x.shape[0]
     if label_weight:
         labelled_key = jax.random.fold_in(key, 1)
@@ -161,8 +169,10 @@ def jitted_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     mesh: Any,
+    teacher_placement: Any = None,
 ) -> Any:
-    """The distillation step jitted over `mesh`: state donated, teacher replicated, batch split."""
+    """The distillation step jitted over `mesh`: state donated, batch split, teacher replicated
+    or as `teacher_placement` (its variables' shardings) says."""
     step = functools.partial(
         distill_train_step,
         student=student.model,
@@ -174,22 +184,33 @@ def jitted_step(
         temperature=float(config.distill.temperature),
         label_weight=float(config.distill.label_weight),
     )
-    return classifier_run.jit_step(step, mesh)
+    return classifier_run.jit_step(step, mesh, teacher_placement)
 
 
 def host_batches(
-    config: ml_collections.ConfigDict, batch: int, label_batch: int, start: int
+    config: ml_collections.ConfigDict,
+    batch: int,
+    label_batch: int,
+    start: int,
+    cache: np.ndarray | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This host's `{'image'}` train batches (labels dropped), plus the labelled subset's."""
+    """This host's `{'image'}` train batches (labels dropped), plus the labelled subset's.
+
+    With `cache` (the teacher's logits [N, C] by example) they carry 'teacher_logits' too.
+    """
     aug = bool(config.distill.augment)
     images = labelled.labelled_train_iterator(
-        config, batch, augment=aug, seed=config.seed, start_step=start
+        config, batch, augment=aug, seed=config.seed, start_step=start, with_index=cache is not None
     )
     streams = [images]
+
+    def unlabelled(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # labels never sent
+        cached = {} if cache is None else {"teacher_logits": cache[b["index"]]}
+        return {"image": b["image"], **cached}
+
     try:
         if not label_batch:
-            for b in images:
-                yield {"image": b["image"]}  # the labels never reach the step
+            yield from map(unlabelled, images)
             return
         keep, subset = finetune.selection(config)
         labels = labelled.labelled_train_iterator(
@@ -198,7 +219,7 @@ def host_batches(
         )  # fmt: skip
         streams.append(labels)
         for b, lb in zip(images, labels, strict=True):
-            yield {"image": b["image"], "label_image": lb["image"], "label": lb["label"]}
+            yield {**unlabelled(b), "label_image": lb["image"], "label": lb["label"]}
     finally:  # stop the streams' prefetch threads with the loop's iterator
         for it in streams:
             if hasattr(it, "close"):
@@ -277,10 +298,17 @@ def distill(
     state, start, manager = classifier_run.open_run(
         config, workdir, JOB, allow_config_change, init, mesh, z["total"]
     )
-    teacher_vars = jax.device_put(teacher.variables, parallel.replicated(mesh))
-    jitted = jitted_step(config, student, teacher, tx, schedule, mesh)
+    placement = teacher_shardings(config, teacher, mesh)
+    teacher_vars = jax.device_put(teacher.variables, placement or parallel.replicated(mesh))
     # The teacher's figures first: a wrong head layer or a poor teacher shows before the run.
-    taught = classifier.evaluate_classifier(config, teacher.model, teacher_vars, mesh)
+    taught = classifier.evaluate_classifier(
+        config, teacher.model, teacher_vars, mesh, variables_shardings=placement
+    )
+    cache = None
+    if sec.cache_teacher:  # then the step reads the cache and the teacher leaves the devices
+        cache = distill_cache.teacher_cache(config, workdir, teacher, teacher_vars, placement, mesh)
+        teacher_vars, placement = {}, None
+    jitted = jitted_step(config, student, teacher, tx, schedule, mesh, placement)
     log.info(
         "%s: teacher %s top-1 %.4f; %d images, %d steps (%d per epoch), batch %d on %d devices",
         JOB, teacher.path, taught["top1"], z["num_images"], z["total"], z["spe"], z["batch"],
@@ -300,7 +328,7 @@ def distill(
     spec = loop.Run(
         name=JOB,
         step_fn=lambda s, b: jitted(s, teacher_vars, b),
-        host_batches=lambda: host_batches(config, z["batch"], z["label_batch"], start),
+        host_batches=lambda: host_batches(config, z["batch"], z["label_batch"], start, cache),
         mesh=mesh,
         total_steps=z["total"],
         steps_per_epoch=z["spe"],

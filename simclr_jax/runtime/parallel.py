@@ -178,6 +178,36 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def fsdp_shardings(tree: Any, mesh: Mesh) -> Any:
+    """Per-leaf shardings that split each array over 'data' along its largest divisible axis.
+
+    FSDP-style storage for a large frozen network: a device holds 1/n of every leaf whose
+    largest axis divisible by the device count n exists (a conv kernel's output channels,
+    typically); the others (a BN vector of 3 channels, a scalar) stay replicated. Under `jit`
+    XLA gathers what each layer needs, so the values computed are the replicated network's.
+    """
+    n = mesh.devices.size
+
+    def one(x: Any) -> NamedSharding:
+        shape = np.shape(x)
+        axes = [a for a in range(len(shape)) if shape[a] % n == 0 and shape[a] >= n]
+        if n == 1 or not axes:
+            return replicated(mesh)
+        axis = max(axes, key=lambda a: (shape[a], a))  # the largest; the last on ties
+        return NamedSharding(
+            mesh, P(*(DATA_AXIS if a == axis else None for a in range(len(shape))))
+        )
+
+    return jax.tree.map(one, tree)
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of every array leaf of `tree` (host or device arrays, or shape structs)."""
+    return sum(
+        int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+    )
+
+
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
     """Fails with a clear message unless the global batch splits evenly over devices."""
     n = mesh.devices.size
