@@ -66,10 +66,15 @@ def write_tfds(folder: str) -> str:
     return data_dir
 
 
+# The old pipeline's record shuffle buffer: configs/imagenet.py's `data.shuffle_buffer` (a key
+# removed since, as the whole-split permutation reads no buffer).
+OLD_SHUFFLE_BUFFER = 50_000
+
+
 def old_batches(config: Any, start_step: int = 0) -> Iterator[Any]:
     """The streamed pretraining pipeline before Grain (commit 3e10c00), one host.
 
-    Files (or tfds TFRecord shards) in a seeded order, a `shuffle_buffer` record shuffle,
+    Files (or tfds TFRecord shards) in a seeded order, an `OLD_SHUFFLE_BUFFER` record shuffle,
     `skip(start_step * batch)` to resume, then the same decode as today's (`data.decode`).
     """
     from simclr_jax.data import datasets, decode, streams
@@ -98,7 +103,7 @@ def old_batches(config: Any, start_step: int = 0) -> Iterator[Any]:
         )
         return {"image": image, "crop": boxes, "label": label}
 
-    ds = records.shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = records.shuffle(OLD_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
     ds = ds.repeat().enumerate().skip(start_step * config.batch_size)
     ds = ds.map(prepare, num_parallel_calls=2 * config.data.num_threads or tf.data.AUTOTUNE)
     ds = ds.batch(config.batch_size, drop_remainder=True).prefetch(1)

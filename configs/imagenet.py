@@ -27,7 +27,6 @@ def get_config():
     c.data.host_crop = True  # random-resized-crop at decode time, on the original image
     # The host sends the union of the two crop windows at 256 px; the device cuts the views.
     c.data.host_size = 256
-    c.data.shuffle_buffer = 50_000
     c.data.prefetch = 4
     # The end-of-run evaluation is a bounded check (features of 50k train / 50k val images, fast
     # probe + kNN); --mode=linear_eval runs the full protocol, streamed (host memory is bounded

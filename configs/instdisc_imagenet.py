@@ -6,9 +6,8 @@ The recipe of Wu et al. 2018 ("Unsupervised Feature Learning via Non-Parametric 
 Discrimination"): SGD lr 0.03 (x B/256) with momentum 0.9 and weight decay 5e-4, a memory
 bank of 128-d embeddings updated with momentum 0.5, NCE against 4096 uniform negatives at
 temperature 0.07. The bank (1.28M x 128 fp32, 656 MB) is sharded by rows over the devices.
-Example indices come with the tfds stream (read without file shuffling; imagenet.py's
-50k-image shuffle buffer mixes it) or from an image folder (`--config.dataset=image_folder
---config.data.folder=DIR`).
+Example indices are the records' places in the split: of the tfds dataset (ArrayRecord) or of
+an image folder (`--config.dataset=image_folder --config.data.folder=DIR`).
 """
 
 from simclr_jax.config_base import sibling_config

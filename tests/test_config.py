@@ -54,7 +54,7 @@ def test_the_schema_holds_every_method_section_and_no_moved_key():
             assert name in c, name
     assert c.simclr.to_dict() == simclr.config_defaults().to_dict()
     flat = resume.flatten(c.to_dict())
-    assert not set(moved.MOVED_KEYS) & set(flat)
+    assert not (set(moved.MOVED_KEYS) | set(moved.REMOVED_KEYS)) & set(flat)
     assert set(moved.MOVED_KEYS.values()) <= set(flat)
     config_base.validate_config(c)
 
@@ -124,6 +124,33 @@ def test_a_config_that_sets_a_moved_key_is_refused_naming_the_new_one(old):
     with pytest.raises(config_base.ConfigError) as e:
         config_base.validate_config(c)
     assert str(e.value) == f"config.{old} moved to config.{moved.MOVED_KEYS[old]}"
+
+
+@pytest.mark.parametrize("old", sorted(moved.REMOVED_KEYS))
+def test_a_config_that_sets_a_removed_key_is_refused_saying_why(old):
+    c = config_base.base_config()
+    section, _, key = old.rpartition(".")
+    c[section][key] = 1  # an unlocked section takes the dead key, as an old config file sets it
+    with pytest.raises(config_base.ConfigError) as e:
+        config_base.validate_config(c)
+    assert str(e.value) == f"config.{old} was removed: {moved.REMOVED_KEYS[old]}"
+    assert "\n" not in str(e.value)
+
+
+def test_removed_keys_are_found_in_arguments_and_source_lines():
+    args = ["--config=x.py", "--config.data.shuffle_buffer=50000"]
+    assert moved.moved_in_args(args) == "data.shuffle_buffer"
+    assert moved.moved_in_source("    c.data.shuffle_buffer = 50_000") == "data.shuffle_buffer"
+
+
+def test_a_run_saved_with_a_removed_key_resumes(tmp_path):
+    saved = _saved(config_base.base_config())
+    saved["data"]["shuffle_buffer"] = 50_000  # written before the key was removed
+    for job in JOBS:
+        run_dir = str(tmp_path / job)
+        _save(run_dir, saved, job=job)
+        config_base.check_resume(config_base.base_config(), run_dir, job, allow_change=False)
+    assert config_base.config_diff(saved, _saved(config_base.base_config())) == []
 
 
 def test_moved_keys_are_found_in_arguments_and_source_lines():

@@ -29,7 +29,6 @@ def make_config(
         folder=None,
         host_crop=False,
         host_size=0,
-        shuffle_buffer=64,
         prefetch=2,
         num_threads=0,
         eval_max_examples=0,

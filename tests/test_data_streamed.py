@@ -31,7 +31,6 @@ def make_config(dataset: str, batch_size: int = 4, **data_fields) -> ml_collecti
         folder=None,
         host_crop=False,
         host_size=0,
-        shuffle_buffer=64,
         prefetch=0,
         num_threads=1,
         eval_max_examples=0,

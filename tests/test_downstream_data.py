@@ -43,7 +43,6 @@ def folder(tmp_path_factory):
 def _config(folder, export=""):
     c = tiny_config(dataset="image_folder", init_from=export)
     c.data.folder = folder
-    c.data.shuffle_buffer = 16
     c.data.num_threads = 1
     c.log_every_steps = c.checkpoint_every_steps = 8
     c.eval.batch_size = 24  # 16 val images: one padded batch

@@ -150,6 +150,7 @@ def test_unwritable_existing_workdir_is_refused_and_kept(tmp_path):
         (["--config.temperature=0.5"], "config.temperature moved to config.simclr.temperature"),
         (["--config.loss.impl=blockwise"], "config.loss.impl moved to config.simclr.loss_impl"),
         (["--config.loss.decoupled"], "config.loss.decoupled moved to config.simclr.decoupled"),
+        (["--config.data.shuffle_buffer=10"], "config.data.shuffle_buffer was removed: streamed"),
     ],
 )
 def test_an_old_key_on_the_command_line_names_its_new_place(tmp_path, args, message):
@@ -165,6 +166,7 @@ def test_an_old_key_on_the_command_line_names_its_new_place(tmp_path, args, mess
         ("c.temperature = 0.3", "config.temperature moved to config.simclr.temperature"),
         # The old section is gone: refused while the file loads, naming the line.
         ('c.loss.impl = "blockwise"', "config.loss.impl moved to config.simclr.loss_impl (line 6)"),
+        ("c.data.shuffle_buffer = 50_000", "config.data.shuffle_buffer was removed: streamed"),
     ],
 )
 def test_an_old_key_in_a_config_file_names_its_new_place(tmp_path, line, message):

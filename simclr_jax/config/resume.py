@@ -17,7 +17,6 @@ COMMON_SAFE_KEYS: tuple[str, ...] = (
     "data.num_threads",
     "data.read_threads",
     "data.max_bad_fraction",  # decides only whether a run with bad files stops
-    "data.shuffle_buffer",  # read by nothing since every epoch is a whole-split permutation
     "data.data_dir",
     "data.manual_dir",
     "distributed.",

@@ -51,7 +51,6 @@ def shared_config() -> ml_collections.ConfigDict:
     # With host_crop: 0 = the host resizes both views to image_size; H > 0 = it resizes the
     # union of the two crop windows to H x H once and the device cuts the views out of it.
     c.data.host_size = 0
-    c.data.shuffle_buffer = 10_000
     c.data.prefetch = 2  # batches prepared ahead by a background thread
     c.data.num_threads = 0  # tf.data decode threads (0: autotune)
     c.data.read_threads = READ_THREADS  # Grain threads reading records of streamed datasets

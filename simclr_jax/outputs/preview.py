@@ -95,7 +95,6 @@ def training_views(
     with small.unlocked():
         small.batch_size = num_images
         small.data.prefetch = 0
-        small.data.shuffle_buffer = 1  # the first images, without filling a large buffer
     batch = next(data.pretrain_iterator(small, process_index=0, process_count=1))
     return make_views(config, batch["image"], 2, seed, boxes=batch["crop"])
 
