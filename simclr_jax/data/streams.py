@@ -85,13 +85,18 @@ def host_seed(seed: int, process_index: int) -> int:
 
 
 class Prefetcher(Iterator[Batch]):
-    """Iterates `source` on a daemon thread, keeping up to `size` items ready."""
+    """Iterates `source` on a daemon thread, keeping up to `size` items ready.
+
+    The thread starts at the first `next`: until then the consumer may still set up the source
+    (a run loop of several processes takes over the bad-file decision: `StreamStats`).
+    """
 
     def __init__(self, source: Iterator[Batch], size: int):
         self._queue: queue.Queue = queue.Queue(maxsize=size)
         self._stop = threading.Event()
         # The source's counters (a streamed source's `StreamStats`), readable while it runs.
         self.stats = getattr(source, "stats", None)
+        self._source = source  # closed here if the thread never starts
         # The thread gets no reference to self, so dropping the iterator collects it and stops it.
         self._thread = threading.Thread(
             target=_produce,
@@ -99,11 +104,12 @@ class Prefetcher(Iterator[Batch]):
             daemon=True,
             name="simclr_jax-data-prefetch",
         )
-        self._thread.start()
 
     def __next__(self) -> Batch:
         if self._stop.is_set():
             raise StopIteration
+        if self._thread.ident is None:
+            self._thread.start()
         item = self._queue.get()
         if isinstance(item, _End):
             self.close()
@@ -113,8 +119,10 @@ class Prefetcher(Iterator[Batch]):
         return item
 
     def close(self) -> None:
-        """Stop the producer thread (it exits within 0.1 s)."""
+        """Stop the producer thread (it exits within 0.1 s), or the source if it never started."""
         self._stop.set()
+        if self._thread.ident is None and hasattr(self._source, "close"):
+            self._source.close()
 
     def __del__(self) -> None:
         self.close()

@@ -214,6 +214,41 @@ def _agree_saves_succeeded(r: Run) -> None:
         )
 
 
+def _take_over_bad_files(host_iter: Any) -> Any:
+    """The host batches' `StreamStats` (streamed data), or None; several processes decide here.
+
+    Each process skips the undecodable files of its own rows; whether too many are bad is
+    decided on the counts summed over all processes (`_bad_files`), so every process stops at
+    the same step with the same line instead of one stopping alone and leaving the others
+    waiting in their next collective. Called before the first batch is taken.
+    """
+    stats = getattr(host_iter, "stats", None)
+    if stats is not None and jax.process_count() > 1:
+        stats.decide_locally = False
+    return stats
+
+
+def _bad_files(r: Run, stats: Any, start: int, step: int) -> int:
+    """Files skipped as undecodable in the batches of steps [start, step) on every process.
+
+    Several processes agree (one small all-gather, on log and save steps only): more than
+    `data.max_bad_fraction` bad of all they read stops every one of them with the same line.
+    """
+    mine = stats.through(step - start)
+    if stats.decide_locally:  # one process: the stream decides as it reads
+        return mine.bad
+    summaries = parallel.gather_json(mine.summary())
+    total = type(mine).summed(summaries, mine.max_fraction)
+    if total.over_limit():
+        try:
+            total.check()
+        except ValueError as e:
+            raise type(e)(
+                f"{r.name}: stopped at step {step} on all {len(summaries)} processes: {e}"
+            ) from None
+    return total.bad
+
+
 def close_manager(manager: Any) -> None:
     """Closes a checkpoint manager; an error already reported (a failed save) is not re-raised."""
     if manager is None:
@@ -247,12 +282,13 @@ def run(r: Run, state: Any, start_step: int) -> Outcome:
         dynamic_ncols=True,
         desc=r.name,
     )
-    step, preempted, host_iter = start_step, False, None
+    step, preempted, host_iter, stats = start_step, False, None, None
     # step_ok: the last step whose health metrics were checked; step_logged: for images/s.
     t_last, step_ok, step_logged = time.perf_counter(), start_step, start_step
     try:
         if step < r.total_steps:
             host_iter = r.host_batches()
+            stats = _take_over_bad_files(host_iter)
             batches = device_batches(host_iter, r.mesh)
         with Preemption() as preemption:
             while step < r.total_steps:
@@ -276,15 +312,14 @@ def run(r: Run, state: Any, start_step: int) -> Outcome:
                     m = host_metrics(metrics)
                     check_health(r, m, step, step_ok)
                     step_ok = step
+                    if stats is not None:  # streamed data: bad files skipped, in all processes
+                        m["skipped_files"] = float(_bad_files(r, stats, start_step, step))
                 if log_now:
                     if r.on_metrics is not None:
                         m = r.on_metrics(step, m)
                     now = time.perf_counter()
                     m["images_per_sec"] = (step - step_logged) * r.batch_size / (now - t_last)
                     m["epoch"] = step / r.steps_per_epoch
-                    stats = getattr(host_iter, "stats", None)  # streamed data counts bad files
-                    if stats is not None:
-                        m["skipped_files"] = float(stats.bad)  # this host's, since the start
                     t_last, step_logged = now, step
                     r.writer.write(step, m)
                     bar.set_postfix(**{k: f"{m[v]:.3g}" for k, v in r.show.items() if v in m})

@@ -8,6 +8,7 @@ feeds only its own rows of every global batch (`host_to_global`).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -149,6 +150,23 @@ def barrier(name: str) -> None:
     """Blocks until every process reaches the barrier `name` (a no-op in a one-process run)."""
     if jax.process_count() > 1:
         jax.experimental.multihost_utils.sync_global_devices(name)
+
+
+def gather_json(value: Any, max_bytes: int = 4096) -> list[Any]:
+    """Every process's JSON-able `value`, in process order (one all-gather; all must call it).
+
+    Sent as fixed-size UTF-8 JSON (`max_bytes` a process): exact integers of any size and text,
+    which an all-gather of numbers (int32 without x64) would not carry.
+    """
+    if jax.process_count() == 1:
+        return [value]
+    text = json.dumps(value).encode()
+    if len(text) > max_bytes:
+        raise ValueError(f"gather_json: {len(text)} bytes of JSON, more than {max_bytes}")
+    buffer = np.zeros(max_bytes, np.uint8)
+    buffer[: len(text)] = np.frombuffer(text, np.uint8)
+    rows = np.asarray(jax.experimental.multihost_utils.process_allgather(buffer))
+    return [json.loads(bytes(row).rstrip(b"\0")) for row in rows.reshape(-1, max_bytes)]
 
 
 def make_mesh(devices: list[Any] | None = None) -> Mesh:
