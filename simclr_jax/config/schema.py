@@ -62,6 +62,15 @@ def shared_config() -> ml_collections.ConfigDict:
     c.augment = augment.default_augment_config(IMAGE_SIZE)  # the keys and defaults: augment.py
 
     c.model = ml_collections.ConfigDict()
+    c.model.name = "resnet"  # the encoder: 'resnet' (the keys below) or 'vit' (docs/models.md)
+    # ViT keys (model.name='vit'): big_vision's '<size>/<patch>' (Ti, S, B, L, ...; 'mu' for tests)
+    c.model.variant = "B/16"
+    c.model.pool = "tok"  # pooled feature: 'tok' (class token) or 'gap' (mean of patch tokens)
+    c.model.posemb = "learn"  # 'learn' or 'sincos2d' (MoCo v3's fixed 2-D sin-cos)
+    # Side of the learned position-embedding grid in patches (0: the input's); other inputs get
+    # it resized. Exports record it, so an encoder evaluates at another image size.
+    c.model.posemb_grid = 0
+    # ResNet keys (model.name='resnet')
     c.model.depth = 50  # one of models.RESNET_LAYOUTS: 18, 34, 50, 101, 152, 200
     c.model.width_multiplier = 1  # 1, 2, 3, 4
     c.model.base_width = 64  # stem channels before the width multiplier (64 is standard)
@@ -212,6 +221,8 @@ def validate_shared(c: ml_collections.ConfigDict) -> None:
     )
     _validate_data_and_augment(c)
     _validate_model(c.model)
+    if c.model.name == "vit":
+        _validate_vit(c.model, c.augment.image_size)
     o = c.optim
     check(o.name in optim.OPTIMIZERS, "optim.name", o.name, _one_of(optim.OPTIMIZERS))
     check(o.base_lr > 0, "optim.base_lr", o.base_lr, "> 0")
@@ -271,6 +282,7 @@ def _validate_data_and_augment(c: ml_collections.ConfigDict) -> None:
 
 
 def _validate_model(m: ml_collections.ConfigDict) -> None:
+    check(m.name in models.ENCODERS, "model.name", m.name, _one_of(models.ENCODERS))
     depths = sorted(models.RESNET_LAYOUTS)
     check(m.depth in models.RESNET_LAYOUTS, "model.depth", m.depth, _one_of(depths))
     check(
@@ -285,6 +297,28 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
     check(m.stem in models.STEMS, "model.stem", m.stem, _one_of(models.STEMS))
     check(m.head_layers >= 1, "model.head_layers", m.head_layers, ">= 1")
     check(m.dtype in models.DTYPES, "model.dtype", m.dtype, _one_of(models.DTYPES))
+
+
+def _validate_vit(m: ml_collections.ConfigDict, image_size: int) -> None:
+    try:
+        (width, *_), patch = models.parse_variant(m.variant)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    check(m.pool in models.POOLS, "model.pool", m.pool, _one_of(models.POOLS))
+    check(m.posemb in models.POSEMBS, "model.posemb", m.posemb, _one_of(models.POSEMBS))
+    check(
+        m.posemb != "sincos2d" or width % 4 == 0,
+        "model.posemb",
+        m.posemb,
+        f"'learn' for {m.variant} (sin-cos needs a width divisible by 4, it has {width})",
+    )
+    check(m.posemb_grid >= 0, "model.posemb_grid", m.posemb_grid, ">= 0 (0: the input's grid)")
+    check(
+        image_size % patch == 0,
+        "augment.image_size",
+        image_size,
+        f"a multiple of model.variant={m.variant!r}'s patch {patch}",
+    )
 
 
 def _validate_downstream(c: ml_collections.ConfigDict) -> None:

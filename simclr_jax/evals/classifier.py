@@ -38,7 +38,7 @@ class Classifier(nn.Module):
     `freeze` stops gradients at the features (linear evaluation).
     """
 
-    encoder: models.ResNet
+    encoder: models.ResNet | models.ViT
     head: models.ProjectionHead | None
     num_classes: int
     freeze: bool = False
@@ -92,14 +92,14 @@ def source_from_state(model_config: ml_collections.ConfigDict, state: Any, path:
     """A pretraining train state's encoder and head as a Source (numpy, off the devices)."""
     params, stats = jax.device_get((state.params, state.batch_stats))
     variables = {
-        "params": {"encoder": params["encoder"], "head": params["head"]},
-        "batch_stats": {"encoder": stats["encoder"], "head": stats.get("head", {})},
+        "params": {"encoder": params["encoder"], "head": params.get("head", {})},
+        "batch_stats": {"encoder": stats.get("encoder", {}), "head": stats.get("head", {})},
     }
     # As an export describes it: the run's architecture plus what the method built of the head.
     described = ml_collections.ConfigDict(
         {
-            **model_config.to_dict(),
-            "head_out_scale": models.head_out_scale(model_config, params["head"]),
+            **models.describe_encoder(model_config, params["encoder"]),
+            "head_out_scale": models.head_out_scale(model_config, params.get("head", {})),
         }
     )
     return Source(described, variables, path)
@@ -225,7 +225,7 @@ def classifier_train_step(
             logits, stats = model.apply(variables, x, train=False), state.batch_stats
         else:
             logits, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
-            stats = new["batch_stats"]
+            stats = new.get("batch_stats", {})  # none: a ViT without head layers
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         return loss, (logits, stats)
 
@@ -345,7 +345,7 @@ def apply_encoder(model: Classifier) -> Callable[[Any, jax.Array], jax.Array]:
         def apply(variables: Any, x: jax.Array) -> jax.Array:
             enc = {
                 "params": variables["params"]["encoder"],
-                "batch_stats": variables["batch_stats"]["encoder"],
+                "batch_stats": variables["batch_stats"].get("encoder", {}),
             }
             return model.encoder.apply(enc, x, train=False)
 

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from simclr_jax import augment, checkpoint, config_base, data
+from simclr_jax import augment, checkpoint, config_base, data, models
 from simclr_jax.data import labelled
 from simclr_jax.evals import classifier, classifier_run, distill_cache, finetune
 from simclr_jax.evals.classifier import Classifier, ClassifierState
@@ -112,7 +112,7 @@ def distill_train_step(
             batch["label"] if label_weight else None,
             label_weight,
         )
-        return loss, (logits[:n], parts, new["batch_stats"])
+        return loss, (logits[:n], parts, new.get("batch_stats", {}))  # a ViT: none
 
     (loss, (logits, parts, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -263,14 +263,15 @@ def _export_student(
     params, stats = jax.device_get((variables["params"], variables["batch_stats"]))
     exported = {
         "params": {"encoder": params["encoder"], "linear_head": {"dense": params["classifier"]}},
-        "batch_stats": {"encoder": stats["encoder"]},
+        "batch_stats": {"encoder": stats.get("encoder", {})},
     }
     head = {"num_classes": int(params["classifier"]["kernel"].shape[-1]), "input": "features"}
     source = {"workdir": os.path.abspath(workdir), "job": JOB, "supervised_head": head, **info}
     source["config"] = config.to_dict()
     path = checkpoint.export_dir(workdir)
     # The student has no projection head; the key is stated as every export states it.
-    model = {"head_out_scale": True, **student.model_config.to_dict()}
+    described = models.describe_encoder(student.model_config, params["encoder"])
+    model = {"head_out_scale": True, **described}
     return checkpoint.export_encoder(path, exported, model, source)
 
 

@@ -51,19 +51,26 @@ class Teacher:
 
 
 def total_stride(model_config: ml_collections.ConfigDict) -> int:
-    """The encoder's downsampling: stem (ImageNet's /4, CIFAR's /1) x 2 per later stage."""
+    """The encoder's downsampling: a ViT's patch, a ResNet's stem (/4 or /1) x 2 a stage."""
+    if models.encoder_name(model_config) == "vit":
+        return models.parse_variant(model_config.variant)[1]
     stages = len(models.RESNET_LAYOUTS[int(model_config.depth)][1])
     return (4 if model_config.stem == "imagenet" else 1) * 2 ** (stages - 1)
 
 
 def check_fits(model_config: ml_collections.ConfigDict, image_size: int, who: str) -> None:
-    """Refuses an encoder whose last stage would see less than one pixel of the input."""
+    """Refuses an input a ViT cannot cut into patches, or too small for a ResNet's stages."""
     stride = total_stride(model_config)
+    if models.encoder_name(model_config) == "vit" and image_size % stride:
+        raise ValueError(
+            f"{who} ({models.encoder_label(model_config)}) cuts {stride} px patches: the "
+            f"{image_size} px input (augment.image_size) is not a multiple of {stride}"
+        )
     if image_size < stride:
         raise ValueError(
-            f"{who} (ResNet-{model_config.depth}, stem={model_config.stem!r}) downsamples by "
-            f"{stride}: it does not fit the {image_size} px input (augment.image_size); use a "
-            "network with the CIFAR stem, or larger images"
+            f"{who} ({models.encoder_label(model_config)}, stem={model_config.stem!r}) "
+            f"downsamples by {stride}: it does not fit the {image_size} px input "
+            "(augment.image_size); use a network with the CIFAR stem, or larger images"
         )
 
 

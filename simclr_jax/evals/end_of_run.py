@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from simclr_jax import data
 from simclr_jax.evals import classifier, classifier_run, knn, probe
-from simclr_jax.models import init_variables
+from simclr_jax.models import describe_encoder, init_variables
 from simclr_jax.runtime import files, keys, parallel
 from simclr_jax.runtime.compiled import jit_init
 
@@ -68,10 +68,11 @@ def encoder_source(
     enc = jax.device_get(
         {
             "params": {"encoder": variables["params"]["encoder"]},
-            "batch_stats": {"encoder": variables["batch_stats"]["encoder"]},
+            "batch_stats": {"encoder": variables["batch_stats"].get("encoder", {})},
         }
     )
-    return classifier.Source(config.model, enc, path)
+    described = describe_encoder(config.model, enc["params"]["encoder"])
+    return classifier.Source(ml_collections.ConfigDict(described), enc, path)
 
 
 def evaluate_encoder(

@@ -350,6 +350,11 @@ def import_official(config: Any, workdir: str) -> str:
             "--mode=import_official needs --config.init_from=PATH of an official SimCLR TF "
             "checkpoint (ckpt-N, model.ckpt-N, or a SavedModel directory)"
         )
+    if config.model.get("name", "resnet") != "resnet":
+        raise ValueError(
+            f"--mode=import_official reads google-research/simclr's ResNets; "
+            f"config.model.name={config.model.name!r} has no official checkpoint (use 'resnet')"
+        )
     source = _absolute(config.init_from)
     out = checkpoint.export_dir(workdir)
     meta_path = os.path.join(out, "export.json")

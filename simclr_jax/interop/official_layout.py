@@ -179,6 +179,7 @@ def model_config_for(arch: dict[str, Any], width: int, sk_ratio: float) -> dict[
     # Official widths are 64 x width_multiplier; a narrower (test-sized) net keeps multiplier 1.
     multiplier, base = (width // 64, 64) if width % 64 == 0 else (1, width)
     return {
+        "name": "resnet",  # google-research/simclr released ResNets only
         "depth": arch["depth"],
         "width_multiplier": multiplier,
         "base_width": base,

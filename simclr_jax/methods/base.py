@@ -102,7 +102,7 @@ def train_apply(model: Any, params: Any, batch_stats: Any, x: jax.Array) -> tupl
     out, new_vars = model.apply(
         {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
     )
-    return out, new_vars["batch_stats"]
+    return out, new_vars.get("batch_stats", {})  # none: a ViT with a BN-free head
 
 
 def apply_gradients(

@@ -1,7 +1,8 @@
-"""Flax models: ResNet encoders, projection head, online linear head and their composition."""
+"""Flax models: ResNet and ViT encoders, projection head, online linear head, their composition."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,20 +19,35 @@ from simclr_jax.models.resnet import (
     feature_dim,
     resnet,
 )
+from simclr_jax.models.vit import POOLS, POSEMBS, VIT_SIZES, ViT, build_vit, parse_variant
+
+# config.model.name -> the encoder family (create_encoder builds either from config.model).
+ENCODERS = ("resnet", "vit")
 
 __all__ = [
     "COMPATS",
+    "ENCODERS",
+    "POOLS",
+    "POSEMBS",
     "LinearHead",
     "Predictor",
     "ProjectionHead",
     "RESNET_LAYOUTS",
     "STEMS",
     "ResNet",
+    "VIT_SIZES",
+    "ViT",
     "SimCLRModel",
     "create_head",
     "create_model",
+    "describe_encoder",
+    "encoder_feature_dim",
+    "encoder_label",
+    "encoder_name",
     "feature_dim",
     "init_variables",
+    "parse_variant",
+    "build_vit",
     "resnet",
 ]
 
@@ -47,7 +63,7 @@ class SimCLRModel(nn.Module):
     `'prediction'`, the predictor's output on the projection.
     """
 
-    encoder: ResNet
+    encoder: ResNet | ViT
     head: ProjectionHead
     num_classes: int
     predictor: Predictor | None = None
@@ -75,12 +91,29 @@ def compute_dtype(name: str) -> Any:
     return DTYPES[name]
 
 
-def create_encoder(model_config: Any, conv: Callable[..., Any] | None = None) -> ResNet:
-    """Builds the ResNet encoder described by `config.model`.
+def encoder_name(model_config: Any) -> str:
+    """`model_config.name` ('resnet' for configs and exports that predate the key)."""
+    return model_config.get("name", "resnet")
 
-    `conv`: the convolution primitive (None: `lax.conv_general_dilated`); a run passes its
-    backend's (`runtime.cpu_conv.for_backend()`), the architecture and params are the same.
+
+def create_encoder(model_config: Any, conv: Callable[..., Any] | None = None) -> ResNet | ViT:
+    """Builds the encoder described by `config.model`: a ResNet, or a ViT (`name='vit'`).
+
+    `conv`: the ResNet's convolution primitive (None: `lax.conv_general_dilated`); a run passes
+    its backend's (`runtime.cpu_conv.for_backend()`), the architecture and params are the same.
+    A ViT has no convolution to swap (its patch embedding is a matmul).
     """
+    name = encoder_name(model_config)
+    if name == "vit":
+        return build_vit(
+            model_config.variant,
+            posemb=model_config.get("posemb", "learn"),
+            pool=model_config.get("pool", "tok"),
+            posemb_grid=model_config.get("posemb_grid", 0),
+            dtype=compute_dtype(model_config.dtype),
+        )
+    if name != "resnet":
+        raise ValueError(f"model.name={name!r} is not one of {list(ENCODERS)}")
     return resnet(
         model_config.depth,
         width_multiplier=model_config.width_multiplier,
@@ -92,6 +125,34 @@ def create_encoder(model_config: Any, conv: Callable[..., Any] | None = None) ->
         compat=model_config.compat,
         conv_general_dilated=conv,
     )
+
+
+def encoder_label(model_config: Any) -> str:
+    """'ResNet-50', 'ViT-B/16': the encoder's name for logs and reports."""
+    if encoder_name(model_config) == "vit":
+        return f"ViT-{model_config['variant']}"
+    return f"ResNet-{model_config['depth']}"
+
+
+def encoder_feature_dim(model_config: Any) -> int:
+    """Width of the pooled features of the encoder `model_config` describes."""
+    m = model_config  # a ConfigDict or an export's plain dict
+    if encoder_name(m) == "vit":
+        return parse_variant(m["variant"])[0][0]
+    return feature_dim(int(m["depth"]), int(m["width_multiplier"]), int(m.get("base_width", 64)))
+
+
+def describe_encoder(model_config: Any, encoder_params: Any) -> dict[str, Any]:
+    """`model_config` as a dict, with what the trained encoder fixed that the config may not say.
+
+    A learned ViT position embedding records its grid (`posemb_grid`, in patches): an export or
+    a checkpoint evaluated at another image size resizes that grid (`vit.resample_posemb`).
+    """
+    out = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+    if encoder_name(out) == "vit" and "pos_embedding" in encoder_params:
+        n = encoder_params["pos_embedding"].shape[1] - (1 if "cls" in encoder_params else 0)
+        out["posemb_grid"] = math.isqrt(n)
+    return out
 
 
 def create_head(
@@ -143,4 +204,5 @@ def head_out_scale(model_config: Any, head_params: Any) -> bool:
 def init_variables(model: Any, key: jax.Array, image_size: int) -> dict[str, Any]:
     """Initialises model variables from a dummy batch of the training image size."""
     dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
-    return model.init(key, dummy, train=False)
+    # 'batch_stats' always: a ViT with a BN-free head has none, and states keep the field.
+    return {"batch_stats": {}, **model.init(key, dummy, train=False)}

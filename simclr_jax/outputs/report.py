@@ -55,6 +55,11 @@ DOWNSTREAM_PLOTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 DOWNSTREAM_JOBS = ("linear_eval", "finetune", "distill")
 _NOT_PLOTTED = {"step", "epoch"}
+# The model keys of the other encoder family than config.model.name's, not shown.
+_OTHER_ENCODER_KEYS = {
+    "resnet": ("model.variant", "model.pool", "model.posemb"),
+    "vit": ("model.depth", "model.width_multiplier", "model.base_width", "model.stem"),
+}
 # Config values shown at the top of the page (dotted paths into config.json).
 KEY_CONFIG = (
     "method",
@@ -64,10 +69,14 @@ KEY_CONFIG = (
     "total_steps",
     "num_epochs",
     "simclr.temperature",
+    "model.name",
     "model.depth",
     "model.width_multiplier",
     "model.base_width",
     "model.stem",
+    "model.variant",
+    "model.pool",
+    "model.posemb",
     "model.head_layers",
     "model.head_out_dim",
     "model.dtype",
@@ -318,7 +327,8 @@ def _html(
         parts.append("<h2>Evaluation (random-init vs pretrained encoder)</h2>")
         parts.append("<p>No eval.json yet: it is written at the end of pretraining.</p>")
     parts.append("<h2>Key config values</h2>")
-    shown = [k for k in KEY_CONFIG if _get(config, k) is not None]
+    hidden = _OTHER_ENCODER_KEYS.get(_get(config, "model.name") or "resnet", ())
+    shown = [k for k in KEY_CONFIG if _get(config, k) is not None and k not in hidden]
     if _get(config, "total_steps"):  # total_steps > 0 overrides num_epochs: do not show both
         shown = [k for k in shown if k != "num_epochs"]
     parts.append(_table([[k, _fmt(_get(config, k))] for k in shown]))

@@ -82,9 +82,8 @@ def train(
         parallel.barrier("simclr_config_checked")
         config_base.record_run(config, workdir, JOB)
         log.info(
-            "pretraining ResNet-%d with %s on %s: %d steps (%d per epoch), global batch %d on "
-            "%d devices",
-            config.model.depth,
+            "pretraining %s with %s on %s: %d steps (%d per epoch), global batch %d on %d devices",
+            models.encoder_label(config.model),
             config.method,
             config.dataset,
             total_steps,
@@ -136,10 +135,10 @@ def export_run(config: ml_collections.ConfigDict, state: TrainState, workdir: st
     """Exports the encoder and projection head of `state` to `workdir/export/`."""
     variables = jax.device_get(
         {
-            "params": {"encoder": state.params["encoder"], "head": state.params["head"]},
-            # A head without BN (model.head_bn=False) has no statistics.
+            "params": {"encoder": state.params["encoder"], "head": state.params.get("head", {})},
+            # A head without BN (model.head_bn=False) or a ViT encoder has no statistics.
             "batch_stats": {
-                "encoder": state.batch_stats["encoder"],
+                "encoder": state.batch_stats.get("encoder", {}),
                 "head": state.batch_stats.get("head", {}),
             },
         }
@@ -149,7 +148,7 @@ def export_run(config: ml_collections.ConfigDict, state: TrainState, workdir: st
         "step": int(state.step),
         "config": config.to_dict(),
     }
-    model = config.model.to_dict()
+    model = models.describe_encoder(config.model, variables["params"]["encoder"])
     # The method builds the head (SimSiam's last BN has no scale): record what was trained.
     model["head_out_scale"] = models.head_out_scale(config.model, variables["params"]["head"])
     return checkpoint.export_encoder(checkpoint.export_dir(workdir), variables, model, source)
