@@ -1,4 +1,4 @@
-"""Export an encoder to PyTorch: torchvision ResNet `state_dict` + projection head as safetensors.
+"""Export an encoder to PyTorch: torchvision ResNet or ViT `state_dict` + projection head.
 
     python -m simclr_jax.main --config=configs/digits.py --workdir=runs/digits --mode=export_torch
 
@@ -7,9 +7,10 @@ reads `runs/digits/export/` (or `--config.init_from`) and writes `runs/digits/ex
 * `encoder.safetensors`: exactly the keys, shapes and layouts of torchvision's `resnet*`
   `state_dict` without `fc.*` (conv kernels OIHW, BatchNorm `weight/bias/running_mean/
   running_var/num_batches_tracked`), so `model.fc = nn.Identity()` then
-  `model.load_state_dict(..., strict=True)` loads it;
+  `model.load_state_dict(..., strict=True)` loads it; a ViT: torchvision's `VisionTransformer`
+  keys without `heads.*` (`export_torch_vit`);
 * `projection_head.safetensors`: `dense{i}` (`nn.Linear`) and `bn{i}` (`nn.BatchNorm1d`) keys;
-* `model.json`: which torchvision model to build (`build_torchvision_resnet` does it).
+* `model.json`: which torchvision model to build (`build_torchvision` does it).
 
 Writing needs only numpy and `safetensors` (requirements-torch.txt); torch and torchvision are
 imported only by the `build_*` functions, so the JAX side never pays for them.
@@ -25,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from simclr_jax.interop import export_torch_vit
+from simclr_jax.models import encoder_feature_dim, encoder_name
 from simclr_jax.models.resnet import RESNET_LAYOUTS, feature_dim
 from simclr_jax.runtime import files
 
@@ -157,11 +160,7 @@ def _head_spec(model: Mapping[str, Any]) -> dict[str, Any]:
     """Projection head shape for `model.json['projection_head']`."""
     return {
         "num_layers": int(model["head_layers"]),
-        "in_dim": feature_dim(
-            int(model["depth"]),
-            int(model["width_multiplier"]),
-            int(model["base_width"]),
-        ),
+        "in_dim": encoder_feature_dim(model),
         "hidden_dim": int(model["head_hidden_dim"]),
         "out_dim": int(model["head_out_dim"]),
         "use_bn": bool(model["head_bn"]),
@@ -206,15 +205,23 @@ def export_torch(export_path: str, out_dir: str | None = None) -> dict[str, str]
     out_dir = os.path.abspath(out_dir or os.path.join(os.path.dirname(export_path), "export_torch"))
     variables, meta = checkpoint.load_export(export_path)
     model = meta["model"]
-    _check_torchvision_layout(model, export_path)
     step = int(meta.get("source", {}).get("step", 0))
     params, stats = variables["params"], variables.get("batch_stats", {})
-    encoder = encoder_state_dict(params["encoder"], stats["encoder"], int(model["depth"]), step)
-    head = head_state_dict(params.get("head", {}), stats.get("head", {}), step)
     image_size = meta.get("source", {}).get("config", {}).get("augment", {}).get("image_size")
+    if encoder_name(model) == "vit":
+        export_torch_vit.check_exportable(model, export_path)
+        image_size = export_torch_vit.vit_image_size(model, params["encoder"], image_size)
+        encoder = export_torch_vit.vit_state_dict(params["encoder"], model, image_size)
+        spec = export_torch_vit.torch_vit_spec(model, image_size)
+    else:
+        _check_torchvision_layout(model, export_path)
+        depth = int(model["depth"])
+        encoder = encoder_state_dict(params["encoder"], stats["encoder"], depth, step)
+        spec = torch_model_spec(model)
+    head = head_state_dict(params.get("head", {}), stats.get("head", {}), step)
     description = {
         "format_version": EXPORT_TORCH_FORMAT_VERSION,
-        "torchvision": torch_model_spec(model),
+        "torchvision": spec,
         "projection_head": _head_spec(model),
         # The encoder saw float RGB in [0, 1] without mean/std normalisation, NHWC in JAX.
         "input": {
@@ -244,6 +251,17 @@ def _spec(meta: Mapping[str, Any]) -> Mapping[str, Any]:
     if "torchvision" in meta:
         return meta["torchvision"]
     return torch_model_spec(meta["model"] if "model" in meta else meta)
+
+
+def build_torchvision(meta: Mapping[str, Any]) -> Any:
+    """The torchvision encoder (ResNet or ViT) `meta` describes, returning pooled features."""
+    spec = meta.get("torchvision", {})
+    if "hidden_dim" in spec:
+        try:
+            return export_torch_vit.build_torchvision_vit(spec)
+        except ImportError as e:
+            raise _import_error("build_torchvision", e) from e
+    return build_torchvision_resnet(meta)
 
 
 def build_torchvision_resnet(meta: Mapping[str, Any]) -> Any:
@@ -321,7 +339,7 @@ def load_torch(out_dir: str) -> tuple[Any, Any, dict[str, Any]]:
         raise _import_error("load_torch", e) from e
     with open(os.path.join(out_dir, MODEL_FILE)) as f:
         meta = json.load(f)
-    encoder = build_torchvision_resnet(meta)
+    encoder = build_torchvision(meta)
     encoder.load_state_dict(load_file(os.path.join(out_dir, ENCODER_FILE)), strict=True)
     head = build_projection_head(meta)
     head.load_state_dict(load_file(os.path.join(out_dir, HEAD_FILE)), strict=True)
