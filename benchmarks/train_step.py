@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py --config=configs/digits.py --batch_size=256 --steps=10
     python benchmarks/train_step.py --preset=resnet50_224 --batch_size=256 --dtype=bfloat16
+    python benchmarks/train_step.py --preset=vit_b16_224 --batch_size=256 --dtype=bfloat16
     python benchmarks/train_step.py --config=configs/digits.py --cpu_flags=both --with_input
 
 Runs the real `pretrain.state.compile_train_step` (augmentation on device included unless
@@ -45,6 +46,10 @@ PRESETS = {
     "resnet50_224": dict(
         depth=50, stem="imagenet", image_size=224, base_width=64, hidden=2048, blur=0.5
     ),
+    # ViTs (config.model.name='vit'): ImageNet's S/16 and B/16, and CIFAR's S/4 (8 x 8 patches).
+    "vit_s16_224": dict(variant="S/16", image_size=224, hidden=2048, blur=0.5),
+    "vit_b16_224": dict(variant="B/16", image_size=224, hidden=2048, blur=0.5),
+    "vit_s4_32": dict(variant="S/4", image_size=32, hidden=512, blur=0.0),
 }
 
 
@@ -62,7 +67,11 @@ def load_config(args: argparse.Namespace) -> Any:
 
         p = PRESETS[args.preset]
         c = base_config()
-        c.model.depth, c.model.stem, c.model.base_width = p["depth"], p["stem"], p["base_width"]
+        if "variant" in p:
+            c.model.name, c.model.variant = "vit", p["variant"]
+        else:
+            c.model.depth, c.model.stem = p["depth"], p["stem"]
+            c.model.base_width = p["base_width"]
         c.model.head_hidden_dim = p["hidden"]
         c.data.image_size = c.augment.image_size = p["image_size"]
         c.augment.blur_prob = p["blur"]
@@ -70,6 +79,10 @@ def load_config(args: argparse.Namespace) -> Any:
         c.data.image_size = c.augment.image_size = args.image_size
     if args.base_width:
         c.model.base_width = args.base_width
+    if getattr(args, "variant", ""):  # a ViT of this size instead (tests: 'mu/4')
+        c.model.name, c.model.variant = "vit", args.variant
+    if getattr(args, "method", ""):
+        c.method = args.method
     c.batch_size = args.batch_size
     c.model.dtype = args.dtype or c.model.dtype
     c.total_steps = getattr(args, "total_steps", 1000)
@@ -108,6 +121,13 @@ def compare(args, flag: str, values: list[int]) -> None:
             f"| {v} | {1e3 * w:.0f} | {w / base_wall:.2f} | {1e3 * c:.0f} | {c / base_cpu:.2f} "
             f"| {build_s:.1f} |"
         )
+
+
+def model_label(m: Any) -> str:
+    """'R50/64' for a ResNet (depth / stem width), 'ViT-B/16' for a ViT."""
+    if m.get("name", "resnet") == "vit":
+        return f"ViT-{m.variant}"
+    return f"R{m.depth}/{m.base_width * m.width_multiplier}"
 
 
 def peak_flops(device, dtype: str) -> float | None:
@@ -194,7 +214,7 @@ def run(args) -> dict:
     stats = dev.memory_stats() or {}
     row = {
         "device": f"{n_dev}x {dev.device_kind}",
-        "model": f"R{config.model.depth}/{config.model.base_width * config.model.width_multiplier}",
+        "model": model_label(config.model),
         "px": size,
         "batch": config.batch_size,
         "dtype": config.model.dtype,
@@ -317,6 +337,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--image_size", type=int, default=0)
     p.add_argument("--base_width", type=int, default=0)
+    p.add_argument("--variant", default="", help="a ViT variant instead ('S/16', 'mu/4')")
+    p.add_argument("--method", default="", help="a registered method (default: the config's)")
     p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=10)
     # The run the step is compiled for (its LR schedule's constants; not its speed): with a run's

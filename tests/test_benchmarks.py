@@ -155,6 +155,24 @@ def test_train_step(sweep_run, tmp_path):
     assert row["px"] == 8 and row["img_per_s"] > 0 and row["xla_cpu_flags"] == "on"
 
 
+def test_train_step_vit_presets():
+    """The ViT presets build the configs they name; one step of a tiny ViT at 8 px runs."""
+    step = load("train_step")
+    from simclr_jax import config_base
+
+    for preset, variant, size in [
+        ("vit_s16_224", "S/16", 224),
+        ("vit_b16_224", "B/16", 224),
+        ("vit_s4_32", "S/4", 32),
+    ]:
+        c = step.load_config(step.parser().parse_args([f"--preset={preset}"]))
+        assert (c.model.name, c.model.variant, c.augment.image_size) == ("vit", variant, size)
+        config_base.validate_config(c)
+    args = ["--preset=vit_s4_32", "--variant=mu/4", "--image_size=8", "--batch_size=16"]
+    (row,) = step.main([*args, "--no_augment", "--steps=1", "--total_steps=1"])
+    assert row["model"] == "ViT-mu/4" and row["px"] == 8 and row["img_per_s"] > 0
+
+
 def test_torch_step(sweep_run):
     pytest.importorskip("torch")
     args = [a for a in RUN_STEP if not a.startswith("--config=")]  # its default: digits
