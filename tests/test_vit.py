@@ -162,3 +162,13 @@ def test_a_workdir_saved_before_the_vit_keys_resumes():
     for key in ("name", "variant", "pool", "posemb", "posemb_grid"):
         del saved["model"][key]
     assert resume.config_diff(saved, new.to_dict(), new.to_dict(), ()) == []
+
+
+def test_distillation_checks_a_vit_by_its_patch():
+    from simclr_jax.evals import distill_teacher
+
+    m = ml_collections.ConfigDict({"name": "vit", "variant": "S/4", "stem": "imagenet"})
+    assert distill_teacher.total_stride(m) == 4
+    distill_teacher.check_fits(m, 32, "the student")
+    with pytest.raises(ValueError, match=r"the student \(ViT-S/4\) cuts 4 px patches: the 30 px"):
+        distill_teacher.check_fits(m, 30, "the student")
