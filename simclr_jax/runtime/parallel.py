@@ -202,7 +202,8 @@ def fsdp_shardings(tree: Any, mesh: Mesh) -> Any:
     FSDP-style storage for a large frozen network: a device holds 1/n of every leaf whose
     largest axis divisible by the device count n exists (a conv kernel's output channels,
     typically); the others (a BN vector of 3 channels, a scalar) stay replicated. Under `jit`
-    XLA gathers what each layer needs, so the values computed are the replicated network's.
+    XLA gathers what each layer needs: the replicated network's values, up to the order in which
+    XLA's partitioned program rounds its sums.
     """
     n = mesh.devices.size
 
