@@ -368,6 +368,60 @@ def test_too_many_bad_files_stop_with_one_line_naming_them(bad_folder):
     assert ".jpg" in message
 
 
+class _Records:
+    """A serialized source in memory: tf.Examples of small JPEGs, record 7 not a tf.Example."""
+
+    serialized, paths = True, False
+
+    def __init__(self, count: int):
+        import io
+
+        import tensorflow as tf
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        self.records = []
+        for i in range(count):
+            jpeg = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+            feature = {
+                "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[jpeg.getvalue()])),
+                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[i % 3])),
+            }
+            example = tf.train.Example(features=tf.train.Features(feature=feature))
+            self.records.append(example.SerializeToString())
+        # Raw bytes: TF's parse error quotes them, and its message is not valid UTF-8.
+        self.records[7] = b"\x0a\xffnot an example"
+
+    def __len__(self):
+        return len(self.records)
+
+    def read(self, indices):
+        return [self.records[i] for i in indices], None
+
+    def fetch(self, index):
+        return self.records[index]
+
+    def describe(self, index):
+        return f"record[{index}]"
+
+
+def test_a_record_that_is_no_example_is_skipped_like_a_bad_image():
+    """Records are parsed a chunk at a time: a failed chunk is refilled row by row."""
+    config = make_config("imagenet2012", batch_size=8)
+    source = _Records(40)
+    plan = pipeline.TrainPlan(0, len(source), 8, 0, 8)
+    it = pipeline.Stream(
+        config, source, plan, data.decoder("centre", 8), with_index=True, max_bad_fraction=0.5
+    )
+    batches = take(it, 10)  # two epochs: record 7 is met twice
+    assert (it.stats.bad, it.stats.bad_names) == (2, ["record[7]", "record[7]"])
+    index = np.concatenate([b["index"] for b in batches])
+    assert 7 not in index and len(index) == 80  # replaced: the batches stay full
+    planned = np.concatenate([streams.batch_indices(0, 40, 8, t) for t in range(10)])
+    np.testing.assert_array_equal(index[planned != 7], planned[planned != 7])  # the rest in order
+
+
 def test_eval_masks_a_bad_file_out(bad_folder):
     config = make_config("image_folder", folder=bad_folder)
     x, y = data.eval_arrays(config, "test")  # every 5th file of a class: some are bad

@@ -17,8 +17,9 @@ picked by `config.dataset`:
 
 The modules below: `datasets` (names, sizes, arrays, builders, folders), `sources` (random-access
 sources), `decode` (host crops), `streams` (epoch order, tf.data options, prefetching),
-`pipeline` (the streamed stages), `convert` (TFRecord to ArrayRecord); `labelled` holds the
-downstream jobs' labelled streams. The names other modules use are re-exported here.
+`pipeline` (the streamed stages), `stats` (skipped-record counts), `convert` (TFRecord to
+ArrayRecord); `labelled` holds the downstream jobs' labelled streams. The names other modules
+use are re-exported here.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ Three stages, each bounded:
    source (`sources`: ArrayRecord records; an image folder's file paths, which TF reads) on
    `data.read_threads` threads (default `READ_THREADS`), `READ_AHEAD_PER_THREAD` chunks a thread
    ahead at most.
-3. Decode: tf.data reads files, parses records and decodes them (the crop-window JPEG decode of
-   `decode`) on `config.data.num_threads` threads, a host batch at a time. Calling TF once per
+3. Decode: tf.data parses a chunk's serialized records in one op, reads files and decodes them
+   (the crop-window JPEG decode of `decode`) on `config.data.num_threads` threads, a host batch
+   at a time. Calling TF once per
    image from Python threads (Grain's) cost 0.5-1.1 ms more CPU per image than tf.data's map,
    which runs the graph without Python, so TF keeps the decode and Grain the order and the I/O.
 
@@ -25,9 +26,7 @@ are pure functions of the step: a resumed stream skips and replaces the same fil
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
-import dataclasses
 import functools
 import logging
 import os
@@ -39,6 +38,13 @@ import numpy as np
 from simclr_jax.data.datasets import Batch, import_tf
 from simclr_jax.data.plans import EvalPlan, Plan, TrainPlan  # noqa: F401  (re-exported)
 from simclr_jax.data.sources import Source
+from simclr_jax.data.stats import (  # noqa: F401  (re-exported)
+    _NAMED_BAD_FILES,
+    BAD_FRACTION_MIN_READS,
+    MAX_BAD_FRACTION,
+    BadDataError,
+    StreamStats,
+)
 from simclr_jax.data.streams import tf_options
 
 if TYPE_CHECKING:
@@ -46,101 +52,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 32  # records per Grain element: one read call, several in flight at once
+# Records per Grain element: one read call, handed to tf.data in one call. 128 (a whole host
+# batch at ImageNet's batch size per host) cost ~0.1 ms less CPU per image than 32 for
+# ArrayRecord (fewer hand-offs into tf.data); held at most READ_AHEAD_PER_THREAD x threads x
+# 128 encoded records (~56 MB of ImageNet JPEGs at the defaults).
+READ_CHUNK = 128
 # config.data.read_threads' default: Grain reader threads. Reads from local disk or the page
 # cache hold the GIL for part of their ~40 us a record; 8 threads cost 1.7x the CPU per record of
 # 1 there. Storage with latency (network file systems, object stores) wants more.
 READ_THREADS = 2
 READ_AHEAD_PER_THREAD = 2  # chunks read ahead per thread: bounds the encoded bytes held
-# config.data.max_bad_fraction's default: more bad files than this fraction of those read stop.
-MAX_BAD_FRACTION = 0.01
-# The fraction is taken of at least this many reads, so a bad file among the first few images
-# of a run does not count as "all of them".
-BAD_FRACTION_MIN_READS = 1000
 MAX_REPLACEMENT_ATTEMPTS = 16  # consecutive bad candidates for one row before giving up
-_NAMED_BAD_FILES = 5  # files a stop names
-_NAME_CHARS = 300  # of each name that processes exchange (the end: the file name)
 
 
 def max_bad_fraction(config: ml_collections.ConfigDict) -> float:
     """config.data.max_bad_fraction (the schema's default is MAX_BAD_FRACTION)."""
     return float(config.data.max_bad_fraction)
-
-
-class BadDataError(ValueError):
-    """Too many records of a split cannot be decoded; the message names the first ones."""
-
-
-@dataclasses.dataclass
-class StreamStats:
-    """Counts of a stream's records: read (decoded or tried), bad (skipped), first bad names.
-
-    The producer counts as it assembles batches and notes the counts after each one
-    (`batch_done`), so a consumer that is batches behind (a prefetch queue) reads the counts of
-    exactly the batches it took (`through`). `decide_locally`: the stream stops itself when too
-    much is bad; a multi-process run loop sets it False before the first batch and decides with
-    the other processes on the summed counts (`runtime.loop`), so all stop at the same step.
-    """
-
-    read: int = 0
-    bad: int = 0
-    bad_names: list[str] = dataclasses.field(default_factory=list)
-    max_fraction: float = MAX_BAD_FRACTION
-    decide_locally: bool = True
-    # (read, bad, len(bad_names)) after each batch not yet passed by `through`, oldest first.
-    _after: collections.deque = dataclasses.field(default_factory=collections.deque, repr=False)
-    _dropped: int = 0  # batches whose entry `through` dropped
-
-    def add_bad(self, name: str) -> None:
-        """Counts one undecodable record."""
-        self.bad += 1
-        if len(self.bad_names) < _NAMED_BAD_FILES:
-            self.bad_names.append(name)
-
-    def batch_done(self) -> None:
-        """Notes the counts after the batch just assembled (called by the producer)."""
-        self._after.append((self.read, self.bad, len(self.bad_names)))
-
-    def through(self, batches: int) -> StreamStats:
-        """The counts of the stream's first `batches` batches (all produced by now).
-
-        Entries before it are dropped: a consumer asks for increasing counts of batches, so the
-        history holds at most the batches between two questions plus those queued ahead.
-        """
-        if batches <= 0:
-            return StreamStats(max_fraction=self.max_fraction)
-        while self._dropped < batches - 1:
-            self._after.popleft()
-            self._dropped += 1
-        read, bad, named = self._after[0]
-        return StreamStats(read, bad, self.bad_names[:named], self.max_fraction)
-
-    def over_limit(self) -> bool:
-        """More than `max_fraction` of what was read is bad (of at least the minimum reads)."""
-        return self.bad > self.max_fraction * max(self.read, BAD_FRACTION_MIN_READS)
-
-    def check(self) -> None:
-        """Raises BadDataError if more than `max_fraction` of what was read is bad."""
-        if self.over_limit():
-            raise BadDataError(
-                f"{self.bad} of {self.read} records read cannot be decoded, more than "
-                f"data.max_bad_fraction={self.max_fraction} allows (of at least "
-                f"{BAD_FRACTION_MIN_READS}); first: {', '.join(self.bad_names)}. Remove or fix "
-                "them, or raise data.max_bad_fraction."
-            )
-
-    def summary(self) -> dict[str, Any]:
-        """The counts as JSON types (what processes exchange to agree)."""
-        short = _NAME_CHARS - 3
-        names = [n if len(n) <= _NAME_CHARS else "..." + n[-short:] for n in self.bad_names]
-        return {"read": self.read, "bad": self.bad, "bad_names": names}
-
-    @classmethod
-    def summed(cls, summaries: list[dict[str, Any]], max_fraction: float) -> StreamStats:
-        """The counts of several processes' `summary()`s, the first bad names in process order."""
-        names = [n for s in summaries for n in s["bad_names"]][:_NAMED_BAD_FILES]
-        read, bad = sum(s["read"] for s in summaries), sum(s["bad"] for s in summaries)
-        return cls(read, bad, names, max_fraction)
 
 
 Prepare = Callable[[Any, Any], dict[str, Any]]  # (encoded image, position) -> tensors
@@ -164,14 +91,7 @@ def _element_fn(serialized: bool, prepare: Prepare, paths: bool = False) -> Any:
 
     def element(ex: dict[str, Any]) -> dict[str, Any]:
         if serialized:
-            parsed = tf.io.parse_single_example(
-                ex["record"],
-                {
-                    "image": tf.io.FixedLenFeature([], tf.string),
-                    # Unlabelled splits (STL-10's) store -1; a dataset without labels has none.
-                    "label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
-                },
-            )
+            parsed = tf.io.parse_single_example(ex["record"], _example_features())
             image, label = parsed["image"], tf.cast(parsed["label"], tf.int32)
         else:
             image, label = ex["record"], ex["label"]
@@ -185,6 +105,28 @@ def _element_fn(serialized: bool, prepare: Prepare, paths: bool = False) -> Any:
     return tf.function(element, input_signature=[signature], autograph=False)
 
 
+def _parse_chunk(ex: dict[str, Any]) -> dict[str, Any]:
+    """A chunk's serialized tf.Examples parsed in one op: 'record' becomes the image bytes.
+
+    Before the unbatch, so it splits fresh image tensors (moved, not copied as the serialized
+    records were) and the per-record graph only decodes. A chunk that fails to parse is dropped
+    like a failed batch and its rows parsed one by one (`Stream._decode_one`).
+    """
+    tf = import_tf()
+    parsed = tf.io.parse_example(ex["record"], _example_features())
+    return {**ex, "record": parsed["image"], "label": tf.cast(parsed["label"], tf.int32)}
+
+
+def _example_features() -> dict[str, Any]:
+    """The tf.Example features read: the encoded image and its label (-1 where unlabelled)."""
+    tf = import_tf()
+    return {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        # Unlabelled splits (STL-10's) store -1; a dataset without labels has none.
+        "label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+    }
+
+
 def read_threads(config: ml_collections.ConfigDict) -> int:
     """config.data.read_threads (the schema's default is READ_THREADS)."""
     return int(config.data.read_threads)
@@ -196,13 +138,14 @@ def _reader(
     """Grain dataset of chunks {'record', 'label', 'position', 'index'} from `start_step` on."""
     import grain
 
-    chunks = -(-plan.batch // READ_CHUNK)
+    size = READ_CHUNK
+    chunks = -(-plan.batch // size)
     total = chunks * num_steps if num_steps is not None else 2**62
 
     def read(element: int) -> dict[str, np.ndarray]:
         step, chunk = divmod(element, chunks)
         indices, positions = plan.rows(start_step + step)
-        rows = slice(chunk * READ_CHUNK, (chunk + 1) * READ_CHUNK)
+        rows = slice(chunk * size, (chunk + 1) * size)
         indices, positions = indices[rows], positions[rows]
         real = indices >= 0  # padding rows are not read
         records, labels = source.read(indices[real])
@@ -256,7 +199,8 @@ class Stream(Iterator[Batch]):
         self._with_index, self._with_mask = with_index, with_mask
         self._reader = iter(_reader(source, plan, start_step, num_steps, read_threads(config)))
         self._read_error: list[BaseException] = []
-        element = _element_fn(source.serialized, prepare, source.paths)
+        # Serialized records are parsed a chunk at a time (`_parse_chunk`), then decoded.
+        element = _element_fn(False, prepare, source.paths)
         signature = {
             "record": tf.TensorSpec([None], tf.string),
             "label": tf.TensorSpec([None], tf.int32),
@@ -268,7 +212,10 @@ class Stream(Iterator[Batch]):
         # 2n calls in flight on the n threads: a thread that finishes one image starts the next
         # at once instead of sleeping until tf.data's scheduler thread wakes up (~4% images/s).
         calls = 2 * config.data.num_threads or tf.data.AUTOTUNE
-        ds = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
+        ds = tf.data.Dataset.from_generator(chunks, output_signature=signature)
+        if source.serialized:
+            ds = ds.map(_parse_chunk)
+        ds = ds.unbatch()
         ds = ds.map(element, num_parallel_calls=calls).batch(plan.batch)
         # A batch with a record that fails to read, parse or decode is dropped whole, and
         # `_assemble` decodes its rows one by one. Dropping single records instead (before the
@@ -373,7 +320,9 @@ class Stream(Iterator[Batch]):
         }
         try:
             return {k: v.numpy() for k, v in self._one(example).items()}
-        except tf.errors.OpError:
+        # A record that is no tf.Example can raise TF's parse error with its raw bytes in the
+        # message, which TF then fails to decode as UTF-8.
+        except (tf.errors.OpError, UnicodeDecodeError):
             return None
 
     def _decode(
