@@ -1,5 +1,6 @@
 """Contrastive losses: SimCLR's NT-Xent over the global batch (plain or decoupled) and its
-metrics, InfoNCE with explicit negatives (MoCo), and the margin contrastive and triplet losses."""
+metrics, InfoNCE with explicit negatives (MoCo) or the global batch's keys (MoCo v3), and the
+margin contrastive and triplet losses."""
 
 from __future__ import annotations
 
@@ -161,6 +162,30 @@ def info_nce(
     logits = jnp.concatenate([pos, neg], axis=-1) / temperature
     per_query = jax.nn.logsumexp(logits, axis=-1) - logits[:, 0]
     correct = (jnp.argmax(logits, axis=-1) == 0).astype(jnp.float32)
+    return global_mean(per_query, axis_name), global_mean(jax.lax.stop_gradient(correct), axis_name)
+
+
+def batch_info_nce(
+    q: jnp.ndarray, k: jnp.ndarray, temperature: float, axis_name: AxisName = None
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """InfoNCE of each query against the global batch of keys, no queue (MoCo v3).
+
+    Logits are `q_i . k_j / temperature` over every key `j` of the global batch (gathered over
+    `axis_name` inside `shard_map`), on L2-normalised `q [n, D]`, `k [n, D]`; query i's positive
+    is the key of the same example, the other N - 1 keys are its negatives. Returns
+    `(mean cross-entropy, accuracy)` over the global batch. Unscaled: MoCo v3 multiplies by 2T.
+    """
+    if q.ndim != 2 or q.shape != k.shape:
+        raise ValueError(f"q and k must both be [N, D]; got {q.shape} and {k.shape}")
+    if isinstance(temperature, int | float) and temperature <= 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0")
+    q = l2_normalize(q)
+    keys, offset = _gather(l2_normalize(k), axis_name)
+    logits = jnp.dot(q, keys.T, precision=jax.lax.Precision.HIGHEST) / temperature
+    pos_col = jnp.arange(q.shape[0]) + offset
+    pos = jnp.take_along_axis(logits, pos_col[:, None], axis=-1)[:, 0]
+    per_query = jax.nn.logsumexp(logits, axis=-1) - pos
+    correct = (jnp.argmax(logits, axis=-1) == pos_col).astype(jnp.float32)
     return global_mean(per_query, axis_name), global_mean(jax.lax.stop_gradient(correct), axis_name)
 
 

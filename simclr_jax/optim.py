@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -88,14 +89,42 @@ def _optimizer(oc: Any, lr: Any, mask: Any) -> optax.GradientTransformation:
     raise ValueError(f"optim.name={oc.name!r} is not one of {OPTIMIZERS}")
 
 
+def freeze(
+    tx: optax.GradientTransformation, params: Any, frozen: Sequence[Sequence[str]]
+) -> optax.GradientTransformation:
+    """`tx` on every param except the subtrees at the `frozen` key paths, which never change.
+
+    A frozen subtree gets a zero update (no gradient step, no weight decay) and no optimizer
+    state, so its params stay bit-identical (MoCo v3's frozen random patch projection).
+    """
+    frozen = [tuple(p) for p in frozen]
+    for path in frozen:
+        node = params
+        for k in path:
+            if not isinstance(node, Mapping) or k not in node:
+                have = sorted(node) if isinstance(node, Mapping) else []
+                raise ValueError(f"frozen params {'/'.join(path)}: no {k!r} among {have}")
+            node = node[k]
+
+    def label(path: Any, _: Any) -> str:
+        keys = tuple(getattr(p, "key", None) for p in path)
+        return "frozen" if any(keys[: len(f)] == f for f in frozen) else "trained"
+
+    return optax.multi_transform(
+        {"trained": tx, "frozen": optax.set_to_zero()},
+        lambda p: jax.tree_util.tree_map_with_path(label, p),
+    )
+
+
 def make_optimizer(
-    config: Any, params: Any, steps_per_epoch: int
+    config: Any, params: Any, steps_per_epoch: int, frozen: Sequence[Sequence[str]] = ()
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Builds `(optimizer, lr_schedule)` from `config.optim` for the given param tree.
 
     LARS excludes biases and BatchNorm parameters from weight decay and trust-ratio adaptation.
     The top-level modules named in `optim.constant_lr_params` (SimSiam's predictor) train at
-    the peak LR throughout instead of following the schedule.
+    the peak LR throughout instead of following the schedule. The subtrees at the key paths in
+    `frozen` (a method's, e.g. `('encoder', 'embedding')`) never change (`freeze`).
     """
     oc = config.optim
     schedule = make_schedule(config, steps_per_epoch)
@@ -107,7 +136,8 @@ def make_optimizer(
             f"top-level modules {sorted(params)}"
         )
     if not constant:
-        tx = _optimizer(oc, schedule, decay_mask(params))
+        # Under `freeze` the optimizer sees the trained subtree only: the mask is computed on it.
+        tx = _optimizer(oc, schedule, decay_mask if frozen else decay_mask(params))
     else:
         peak = scaled_learning_rate(oc.base_lr, config.batch_size, oc.lr_scaling)
         labels = {k: "constant" if k in constant else "scheduled" for k in params}
@@ -120,4 +150,6 @@ def make_optimizer(
         )
     if oc.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(oc.grad_clip_norm), tx)
+    if frozen:  # outermost: clipping and the optimizer see the trained params only
+        tx = freeze(tx, params, frozen)
     return tx, schedule

@@ -18,7 +18,9 @@ A method is one module in `simclr_jax/methods/` that builds a `Method` and passe
 - `resolve(config, total_steps, num_train_examples)`: run-length-dependent settings, returning
   warnings for the user (e.g. an EMA time constant longer than the run).
 - `state_sharding(mesh, method_state)`: NamedShardings for the extra state (None: replicated);
-- `needs_index`: the batches carry `'index'`, each example's position in the training split.
+- `needs_index`: the batches carry `'index'`, each example's position in the training split;
+- `frozen_params(config)`: key paths of param subtrees the optimizer never changes (MoCo v3's
+  frozen patch projection, `('encoder', 'embedding')`); none by default.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ def nothing_to_resolve(config: Any, total_steps: int, num_train_examples: int) -
     return []
 
 
+def nothing_frozen(config: Any) -> tuple[tuple[str, ...], ...]:
+    """For methods that train every parameter."""
+    return ()
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """One objective: its config section, validation, model, extra state and step."""
@@ -72,6 +79,8 @@ class Method:
     # True: pretraining batches carry 'index' int32 [b], each example's position in the
     # training split (the same on every host and after a resume), e.g. for a memory bank.
     needs_index: bool = False
+    # Key paths into the params of subtrees with a zero update (`optim.freeze`): bit-identical.
+    frozen_params: Callable[[Any], tuple[tuple[str, ...], ...]] = nothing_frozen
 
 
 REGISTRY: dict[str, Method] = {}

@@ -69,11 +69,18 @@ class LinearHead(nn.Module):
 
 
 class Predictor(nn.Module):
-    """BYOL / SimSiam predictor: Dense -> BN -> ReLU -> Dense, no BN on the output."""
+    """BYOL / SimSiam / MoCo v3 predictor: Dense -> BN -> ReLU -> Dense (-> BN).
+
+    BYOL and SimSiam: no BN on the output, a bias on the last Dense (the defaults). MoCo v3:
+    no bias on the last Dense (`out_bias=False`, its ResNet predictor), and for ViTs an
+    affine-free BN on the output (`out_bn=True`, which also drops that bias: BN cancels it).
+    """
 
     hidden_dim: int = 4096
     out_dim: int = 256
     dtype: Any = jnp.float32
+    out_bias: bool = True
+    out_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
@@ -85,5 +92,20 @@ class Predictor(nn.Module):
             dtype=self.dtype,
             name="bn1",
         )(x)
-        x = nn.Dense(self.out_dim, dtype=self.dtype, name="dense2")(nn.relu(x))
+        x = nn.Dense(
+            self.out_dim,
+            use_bias=self.out_bias and not self.out_bn,
+            dtype=self.dtype,
+            name="dense2",
+        )(nn.relu(x))
+        if self.out_bn:
+            x = nn.BatchNorm(
+                use_running_average=not train,
+                momentum=BN_MOMENTUM,
+                epsilon=BN_EPSILON,
+                use_bias=False,
+                use_scale=False,
+                dtype=self.dtype,
+                name="bn2",
+            )(x)
         return x.astype(jnp.float32)

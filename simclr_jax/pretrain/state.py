@@ -37,7 +37,8 @@ def model_and_optimizer(
     shapes = jax.eval_shape(
         lambda: init_variables(model, jax.random.key(0), config.augment.image_size)
     )
-    tx, schedule = optim.make_optimizer(config, shapes["params"], steps_per_epoch)
+    frozen = methods.get(config.method).frozen_params(config)
+    tx, schedule = optim.make_optimizer(config, shapes["params"], steps_per_epoch, frozen)
     return model, tx, schedule
 
 
