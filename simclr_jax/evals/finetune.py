@@ -71,6 +71,11 @@ def finetune(
     info = data.dataset_info(config)
     classifier.report_overrides(config, source)
     f = config.finetune
+    if f.from_head_layer > 0 and not source.variables["params"].get("head"):
+        raise config_base.ConfigError(
+            f"finetune.from_head_layer={f.from_head_layer} is invalid: {source.path} has no "
+            "projection head (e.g. a CPC export); use 0"
+        )
     model = classifier.build_classifier(
         source.model_config, f.from_head_layer, info.num_classes, freeze=False
     )

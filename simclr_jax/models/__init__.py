@@ -103,6 +103,16 @@ def create_encoder(model_config: Any, conv: Callable[..., Any] | None = None) ->
     its backend's (`runtime.cpu_conv.for_backend()`), the architecture and params are the same.
     A ViT has no convolution to swap (its patch embedding is a matmul).
     """
+    patch = int(model_config.get("patch_grid", 0) or 0)
+    if patch:  # CPC: the encoder on every patch of a grid, patch features mean-pooled
+        import ml_collections  # only configs set a patch grid (the GPU image lacks it)
+
+        from simclr_jax.models.patch_grid import PatchGridEncoder
+
+        per_patch = ml_collections.ConfigDict({**dict(model_config), "patch_grid": 0})
+        return PatchGridEncoder(
+            create_encoder(per_patch, conv), patch, int(model_config.patch_grid_stride)
+        )
     name = encoder_name(model_config)
     if name == "vit":
         return build_vit(

@@ -205,7 +205,12 @@ class ResNet(nn.Module):
     conv_general_dilated: Callable[..., jnp.ndarray] | None = None
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = True, with_local: bool = False) -> Any:
+        """Pooled features `[B, C]`; with `with_local`, also the local features `[B, h*w, C']`.
+
+        The local features (Deep InfoMax's) are the map the second-to-last stage outputs: 4x4 on
+        16 px digits, 8x8 on CIFAR (the paper's local map), 14x14 on 224 px images.
+        """
         conv = functools.partial(
             _conv, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated
         )
@@ -236,7 +241,10 @@ class ResNet(nn.Module):
         else:
             raise ValueError(f"stem={self.stem!r} is not one of {STEMS}")
         block_cls = BasicBlock if self.block == "basic" else BottleneckBlock
+        local = x
         for i, num_blocks in enumerate(self.stage_sizes):
+            if i == len(self.stage_sizes) - 1:
+                local = x
             for j in range(num_blocks):
                 x = block_cls(
                     filters=width * 2**i,
@@ -248,7 +256,10 @@ class ResNet(nn.Module):
                     project=self.compat == "simclr_tf" and j == 0,
                     name=f"stage{i + 1}_block{j + 1}",
                 )(x)
-        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if not with_local:
+            return pooled
+        return pooled, local.reshape(local.shape[0], -1, local.shape[-1]).astype(jnp.float32)
 
 
 def resnet(

@@ -135,6 +135,7 @@ def export_run(config: ml_collections.ConfigDict, state: TrainState, workdir: st
     """Exports the encoder and projection head of `state` to `workdir/export/`."""
     variables = jax.device_get(
         {
+            # CPC trains no projection head: its export has an empty one.
             "params": {"encoder": state.params["encoder"], "head": state.params.get("head", {})},
             # A head without BN (model.head_bn=False) or a ViT encoder has no statistics.
             "batch_stats": {
