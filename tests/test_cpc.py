@@ -149,3 +149,14 @@ def test_step_runs_on_8_devices_and_the_export_pools_patches(tmp_path):
         train=False,
     )
     assert feats.shape == (2, models.feature_dim(18, 1, 4))
+
+
+@pytest.mark.parametrize(
+    "name,grid_side", [("cpc_digits", 3), ("cpc_cifar10", 3), ("cpc_imagenet", 7)]
+)
+def test_cpc_configs_validate(name, grid_side):
+    from simclr_jax import config_base
+
+    c = tiny.load_config(name)
+    config_base.validate_config(c)
+    assert c.method == "cpc" and cpc.grid(c) == grid_side

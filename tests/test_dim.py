@@ -148,3 +148,12 @@ def test_resume_is_bit_exact(dim_run, tmp_path):
     final = jax.device_get(modes.pretrain(config, workdir)["state"])
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(states[-1]), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["dim_digits", "dim_cifar10", "dim_imagenet"])
+def test_dim_configs_validate(name):
+    from simclr_jax import config_base
+
+    c = tiny.load_config(name)
+    config_base.validate_config(c)
+    assert c.method == "dim"
