@@ -77,8 +77,7 @@ def frozen_params(config: ml_collections.ConfigDict) -> KeyPaths:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    """Momentum in [0, 1), temperature > 0 or -1, a positive predictor width, and no frozen
-    patch projection on an encoder without one."""
+    """Momentum in [0, 1), temperature > 0 or -1, predictor width > 0, freezing only on a ViT."""
     m = c.mocov3
     check(0 <= m.momentum < 1, "mocov3.momentum", m.momentum, "in [0, 1)")
     check(
