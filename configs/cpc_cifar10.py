@@ -4,7 +4,8 @@
 
 configs/cifar10.py's data and ResNet-18 (CIFAR stem) on every patch, four directions each
 predicting the next 2 rows (all a 3-row grid allows), InfoNCE against every patch of the global
-batch with the paper's raw dot-product scores; per-patch colour augmentation as CPC v2.
+batch with the paper's raw dot-product scores; per-patch colour augmentation and layer norm in
+the encoder (`model.norm='layer'`) as CPC v2.
 """
 
 from simclr_jax.config_base import sibling_config
@@ -14,6 +15,7 @@ def get_config():
     """Returns the CPC CIFAR-10 config."""
     c = sibling_config(__file__, "cifar10")
     c.method = "cpc"
+    c.model.norm = "layer"
     c.model.patch_grid = 16
     c.model.patch_grid_stride = 8
     c.cpc.steps = 2

@@ -5,8 +5,9 @@
 The grid of CPC v2 (Hénaff et al. 2019): a 256 px crop cut into 7 x 7 overlapping 64 px
 patches, each augmented on its own, predictions in all four directions up to 5 rows ahead
 (CPC's 7-row grid), InfoNCE against every patch of the global batch, raw dot-product scores.
-Not the paper's: ResNet-50 with BatchNorm (v2 uses a ResNet-161 with layer norm; its ResNet-50
-row is 63.8% linear), a 512-wide context network, AdamW at 1e-3 (scaled from batch 256).
+The encoder normalises with layer norm (`model.norm='layer'`), as v2 does. Not the paper's: a
+ResNet-50 (v2's best is a ResNet-161; its ResNet-50 row is 63.8% linear), a 512-wide context
+network, AdamW at 1e-3 (scaled from batch 256).
 """
 
 from simclr_jax.config_base import sibling_config
@@ -19,6 +20,7 @@ def get_config():
     c.batch_size = 512
     c.data.image_size = 256
     c.augment.image_size = 256
+    c.model.norm = "layer"
     c.model.patch_grid = 64
     c.model.patch_grid_stride = 32
     c.cpc.steps = 5

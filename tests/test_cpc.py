@@ -160,3 +160,23 @@ def test_cpc_configs_validate(name, grid_side):
     c = tiny.load_config(name)
     config_base.validate_config(c)
     assert c.method == "cpc" and cpc.grid(c) == grid_side
+
+
+def test_layer_norm_resnet_normalises_each_example_on_its_own():
+    """model.norm='layer' (CPC v2): no batch statistics, an example's features ignore the batch."""
+    import ml_collections
+
+    c = tiny.tiny_config()
+    c.model.norm = "layer"
+    enc = models.create_encoder(ml_collections.ConfigDict(c.model.to_dict()))
+    x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
+    variables = tiny.init(enc, jax.random.key(1), x, train=True)
+    assert "batch_stats" not in variables
+    alone = enc.apply(variables, x[:1], train=True)
+    together = enc.apply(variables, x, train=True)[:1]
+    np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-6)
+    c.model.norm = "group"
+    from simclr_jax import config_base
+
+    with pytest.raises(ConfigError, match="model.norm='group'"):
+        config_base.validate_config(c)

@@ -87,6 +87,7 @@ def shared_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay fp32)
     # > 0: the encoder runs on every patch of a grid of patch_grid px patches at
     # patch_grid_stride and returns the mean patch feature (CPC; docs/methods.md). 0: whole image.
+    c.model.norm = "batch"  # ResNet: 'batch' (global BN) or 'layer' (per-example, CPC v2)
     c.model.patch_grid = 0
     c.model.patch_grid_stride = 0
 
@@ -301,6 +302,7 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
     check(m.stem in models.STEMS, "model.stem", m.stem, _one_of(models.STEMS))
     check(m.head_layers >= 1, "model.head_layers", m.head_layers, ">= 1")
     check(m.dtype in models.DTYPES, "model.dtype", m.dtype, _one_of(models.DTYPES))
+    check(m.norm in models.NORMS, "model.norm", m.norm, _one_of(models.NORMS))
     check(m.patch_grid >= 0, "model.patch_grid", m.patch_grid, ">= 0 (0: whole image)")
     check(
         m.patch_grid == 0 or m.patch_grid_stride > 0,

@@ -176,6 +176,12 @@ def _check_torchvision_layout(model: Mapping[str, Any], export_path: str) -> Non
             f"{model['sk_ratio']}); torchvision has no SK-ResNet layout, so it cannot be exported "
             "to a torchvision state_dict (use the JAX export, or a plain sk_ratio=0 model)"
         )
+    if model.get("norm", "batch") != "batch" or int(model.get("patch_grid", 0) or 0):
+        raise ValueError(
+            f"{export_path} holds a ResNet with model.norm={model.get('norm')!r} / "
+            f"model.patch_grid={model.get('patch_grid')!r} (CPC's); torchvision's resnet has "
+            "BatchNorm on whole images only, so it cannot be exported (use the JAX export)"
+        )
     if model["compat"] == "simclr_tf":
         if RESNET_LAYOUTS[int(model["depth"])][0] == "basic":
             raise ValueError(

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from simclr_jax.models.heads import LinearHead, Predictor, ProjectionHead
 from simclr_jax.models.resnet import (
     COMPATS,
+    NORMS,
     RESNET_LAYOUTS,
     STEMS,
     ResNet,
@@ -26,6 +27,7 @@ ENCODERS = ("resnet", "vit")
 
 __all__ = [
     "COMPATS",
+    "NORMS",
     "ENCODERS",
     "POOLS",
     "POSEMBS",
@@ -133,6 +135,7 @@ def create_encoder(model_config: Any, conv: Callable[..., Any] | None = None) ->
         dtype=compute_dtype(model_config.dtype),
         sk_ratio=float(model_config.sk_ratio),
         compat=model_config.compat,
+        norm_kind=model_config.get("norm", "batch"),
         conv_general_dilated=conv,
     )
 

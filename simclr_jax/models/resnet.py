@@ -33,6 +33,9 @@ STEMS = ("imagenet", "cifar")
 # stage too). Convolutions pad the same under both: TF's "fixed padding" of a strided conv is
 # (k-1)//2 before and the rest after, equal to our symmetric k//2 for the odd kernels used here.
 COMPATS = ("torchvision", "simclr_tf")
+# 'batch': BatchNorm over the (global) batch; 'layer': each example's map normalised over its
+# positions and channels (CPC v2's choice: patches of one image must not share statistics).
+NORMS = ("batch", "layer")
 SK_MIN_DIM = 32  # the official SK mixing MLP is never narrower than this
 
 
@@ -200,6 +203,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     sk_ratio: float = 0.0
     compat: str = "torchvision"
+    norm_kind: str = "batch"  # one of NORMS (config.model.norm)
     # The convolution primitive for every conv (None: `lax.conv_general_dilated`). The runtime
     # picks a backend's faster formulation of the same sums (`runtime.cpu_conv` on CPU).
     conv_general_dilated: Callable[..., jnp.ndarray] | None = None
@@ -214,13 +218,18 @@ class ResNet(nn.Module):
         conv = functools.partial(
             _conv, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated
         )
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=BN_MOMENTUM,
-            epsilon=BN_EPSILON,
-            dtype=self.dtype,
-        )
+        if self.norm_kind == "layer":
+            norm = functools.partial(
+                nn.LayerNorm, epsilon=BN_EPSILON, reduction_axes=(-3, -2, -1), dtype=self.dtype
+            )
+        else:
+            norm = functools.partial(
+                nn.BatchNorm,
+                use_running_average=not train,
+                momentum=BN_MOMENTUM,
+                epsilon=BN_EPSILON,
+                dtype=self.dtype,
+            )
         width = self.base_width * self.width_multiplier
         x = x.astype(self.dtype)
         if self.stem == "imagenet":
@@ -280,6 +289,8 @@ def resnet(
     sk_ratio = kwargs.get("sk_ratio", 0.0)
     if not isinstance(sk_ratio, (int, float)) or not 0 <= sk_ratio <= 1:
         raise ValueError(f"sk_ratio={sk_ratio!r} must be in [0, 1] (0: plain, 0.0625: SimCLR v2)")
+    if kwargs.get("norm_kind", "batch") not in NORMS:
+        raise ValueError(f"norm={kwargs['norm_kind']!r} is not supported; allowed: {list(NORMS)}")
     compat = kwargs.get("compat", "torchvision")
     if compat not in COMPATS:
         raise ValueError(f"compat={compat!r} is not supported; allowed: {list(COMPATS)}")
