@@ -23,11 +23,12 @@ class BadDataError(ValueError):
 class StreamStats:
     """Counts of a stream's records: read (decoded or tried), bad (skipped), first bad names.
 
-    The producer counts as it assembles batches and notes the counts after each one
-    (`batch_done`), so a consumer that is batches behind (a prefetch queue) reads the counts of
-    exactly the batches it took (`through`). `decide_locally`: the stream stops itself when too
-    much is bad; a multi-process run loop sets it False before the first batch and decides with
-    the other processes on the summed counts (`runtime.loop`), so all stop at the same step.
+    The producer counts as it assembles batches; with `keep_history` (set by a consumer before
+    the first batch, as the run loop does) it notes the counts after each one (`batch_done`), so
+    a consumer that is batches behind (a prefetch queue) reads the counts of exactly the batches
+    it took (`through`). `decide_locally`: the stream stops itself when too much is bad; a
+    multi-process run loop sets it False before the first batch and decides with the other
+    processes on the summed counts (`runtime.loop`), so all stop at the same step.
     """
 
     read: int = 0
@@ -35,6 +36,7 @@ class StreamStats:
     bad_names: list[str] = dataclasses.field(default_factory=list)
     max_fraction: float = MAX_BAD_FRACTION
     decide_locally: bool = True
+    keep_history: bool = False
     # (read, bad, len(bad_names)) after each batch not yet passed by `through`, oldest first.
     _after: collections.deque = dataclasses.field(default_factory=collections.deque, repr=False)
     _dropped: int = 0  # batches whose entry `through` dropped
@@ -47,10 +49,11 @@ class StreamStats:
 
     def batch_done(self) -> None:
         """Notes the counts after the batch just assembled (called by the producer)."""
-        self._after.append((self.read, self.bad, len(self.bad_names)))
+        if self.keep_history:  # else nobody asks: nothing accumulates
+            self._after.append((self.read, self.bad, len(self.bad_names)))
 
     def through(self, batches: int) -> StreamStats:
-        """The counts of the stream's first `batches` batches (all produced by now).
+        """The counts of the stream's first `batches` batches (produced by now; `keep_history`).
 
         Entries before it are dropped: a consumer asks for increasing counts of batches, so the
         history holds at most the batches between two questions plus those queued ahead.

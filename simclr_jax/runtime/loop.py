@@ -223,8 +223,9 @@ def _take_over_bad_files(host_iter: Any) -> Any:
     waiting in their next collective. Called before the first batch is taken.
     """
     stats = getattr(host_iter, "stats", None)
-    if stats is not None and jax.process_count() > 1:
-        stats.decide_locally = False
+    if stats is not None:
+        stats.keep_history = True  # the counts of the batches taken, for `skipped_files`
+        stats.decide_locally = jax.process_count() == 1
     return stats
 
 
