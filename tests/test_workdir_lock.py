@@ -99,7 +99,7 @@ def _wait_for(condition, proc, what, timeout=240):
     deadline = time.time() + timeout
     while not condition():
         if proc.poll() is not None:
-            pytest.fail(f"the first run ended before {what}:\n{proc.communicate()[0][-4000:]}")
+            pytest.fail(f"the first run ended before {what} (status {proc.returncode})")
         if time.time() > deadline:
             pytest.fail(f"no {what} within {timeout} s")
         time.sleep(0.2)
@@ -121,9 +121,8 @@ def test_a_second_run_is_refused_while_the_first_trains_and_the_first_finishes(t
     """Two real pretraining runs on one workdir: the second is refused, the first unharmed."""
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "simclr_jax.main", *TINY_RUN, f"--workdir={workdir}"]
-    first = subprocess.Popen(
-        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    log = open(tmp_path / "first.log", "w+")  # a file, not a pipe nobody reads while it runs
+    first = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
     stopped = False
     try:
         lock = workdir / workdir_lock.LOCK_NAME
@@ -140,13 +139,16 @@ def test_a_second_run_is_refused_while_the_first_trains_and_the_first_finishes(t
         assert sorted(os.listdir(workdir)) == before  # the second wrote and removed nothing
         first.send_signal(signal.SIGCONT)
         stopped = False
-        out, _ = first.communicate(timeout=240)
+        first.wait(timeout=240)
     finally:
         if stopped:
             first.send_signal(signal.SIGCONT)
         if first.poll() is None:
             first.kill()
             first.wait()
+        log.seek(0)
+        out = log.read()
+        log.close()
     assert second.returncode == 1, second.stderr[-4000:]
     last = second.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and f"PID {first.pid}" in last and "in use" in last, last
