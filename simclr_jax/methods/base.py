@@ -151,6 +151,35 @@ def step_metrics(
     }
 
 
+def gradient_update(
+    state: TrainState,
+    loss_fn: Callable[[Any], tuple[jax.Array, tuple[Any, ...]]],
+    tx: optax.GradientTransformation,
+    *,
+    schedule: optax.Schedule,
+    config: Any,
+    total_steps: int,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The step of a method whose only state is the train state: grad, update, metrics.
+
+    `loss_fn(params)` returns `(total loss, (loss, metrics, new batch_stats, embeddings))`,
+    `embeddings` as `step_metrics` takes them; `total_steps` 0 reads `config.total_steps`.
+    """
+    grads, (loss, metrics, batch_stats, embeddings) = jax.grad(loss_fn, has_aux=True)(state.params)
+    new_state = apply_gradients(state, grads, tx, batch_stats=batch_stats)
+    return new_state, step_metrics(
+        state.step,
+        new_state,
+        grads,
+        loss,
+        metrics,
+        embeddings,
+        schedule=schedule,
+        config=config,
+        total_steps=total_steps or int(config.total_steps),
+    )
+
+
 def ema(target: Any, online: Any, momentum: jax.Array) -> Any:
     """`momentum * target + (1 - momentum) * online`, leaf by leaf."""
     return jax.tree.map(lambda t, o: momentum * t + (1.0 - momentum) * o, target, online)

@@ -101,18 +101,8 @@ def train_step(
         aux = (loss, metrics, new_stats, embeddings)
         return loss + linear["linear_loss"], aux
 
-    grads, (loss, metrics, batch_stats, embeddings) = jax.grad(loss_fn, has_aux=True)(state.params)
-    new_state = base.apply_gradients(state, grads, tx, batch_stats=batch_stats)
-    return new_state, base.step_metrics(
-        state.step,
-        new_state,
-        grads,
-        loss,
-        metrics,
-        embeddings,
-        schedule=schedule,
-        config=config,
-        total_steps=total_steps or config.total_steps,
+    return base.gradient_update(
+        state, loss_fn, tx, schedule=schedule, config=config, total_steps=total_steps
     )
 
 

@@ -97,20 +97,9 @@ def train_step(
         aux = (loss, linear, new_stats, (z[:, 0], z[:, 1], out["features"]))
         return loss + linear["linear_loss"], aux
 
-    grads, (loss, linear, batch_stats, embeddings) = jax.grad(loss_fn, has_aux=True)(state.params)
-    new_state = base.apply_gradients(state, grads, tx, batch_stats=batch_stats)
-    metrics = base.step_metrics(
-        state.step,
-        new_state,
-        grads,
-        loss,
-        linear,
-        embeddings,
-        schedule=schedule,
-        config=config,
-        total_steps=total_steps or int(config.total_steps),
+    return base.gradient_update(
+        state, loss_fn, tx, schedule=schedule, config=config, total_steps=total_steps
     )
-    return new_state, metrics
 
 
 METHOD = base.register(
