@@ -196,7 +196,9 @@ def eval_batches(
     Batches are {'image': uint8 [b, S, S, 3] centre crops, 'label': int32 [b], 'mask': bool [b]}
     with `b = batch_size // process_count`. Host p reads examples p, p + process_count, ... of
     the split; every host yields the same number of batches, padded with mask False (an
-    undecodable image is masked out too, with a warning naming it).
+    undecodable image is masked out too, with a warning naming it). With several processes
+    the consumer calls `runtime.loop.finish_eval_stream` after the pass: too many bad files
+    stop every process there with the same line.
     """
     _split_name(split)
     dataset_name(config)
@@ -231,4 +233,7 @@ def eval_batches(
         with_mask=True,
         max_bad_fraction=max_bad_fraction(config),
     )
+    # Several processes decide on the summed counts after the pass (`loop.finish_eval_stream`):
+    # one stopping alone mid-pass would leave the others in their next collective.
+    batches.stats.decide_locally = process_count == 1
     return batches, num_batches

@@ -92,3 +92,44 @@ class StreamStats:
         names = [n for s in summaries for n in s["bad_names"]][:_NAMED_BAD_FILES]
         read, bad = sum(s["read"] for s in summaries), sum(s["bad"] for s in summaries)
         return cls(read, bad, names, max_fraction)
+
+
+@dataclasses.dataclass
+class JointStats:
+    """The counts of streams consumed in lockstep (one batch of each per step) as one stream's.
+
+    Distillation draws a batch of train images and one of labelled images each step: the run
+    loop reads, and several processes agree on, their summed counts as on a single stream's.
+    """
+
+    parts: list[StreamStats]
+
+    @property
+    def max_fraction(self) -> float:
+        """The limit of the first part (the streams of one run share `data.max_bad_fraction`)."""
+        return self.parts[0].max_fraction
+
+    @property
+    def decide_locally(self) -> bool:
+        """Whether each stream stops itself (one process) or the loop decides (several)."""
+        return all(p.decide_locally for p in self.parts)
+
+    @decide_locally.setter
+    def decide_locally(self, value: bool) -> None:
+        for p in self.parts:
+            p.decide_locally = value
+
+    @property
+    def keep_history(self) -> bool:
+        """Whether the streams note their counts after each batch (`StreamStats.through`)."""
+        return all(p.keep_history for p in self.parts)
+
+    @keep_history.setter
+    def keep_history(self, value: bool) -> None:
+        for p in self.parts:
+            p.keep_history = value
+
+    def through(self, batches: int) -> StreamStats:
+        """The summed counts of every stream's first `batches` batches."""
+        summaries = [p.through(batches).summary() for p in self.parts]
+        return StreamStats.summed(summaries, self.max_fraction)

@@ -7,12 +7,13 @@ import dataclasses
 import functools
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from simclr_jax.data.datasets import Batch, import_tf
+from simclr_jax.data.stats import JointStats
 
 if TYPE_CHECKING:
     import ml_collections
@@ -157,3 +158,28 @@ def _produce(source: Iterator[Batch], out: queue.Queue, stop: threading.Event) -
     finally:
         if hasattr(source, "close"):  # a streamed source stops its reader threads
             source.close()
+
+
+class Joined:
+    """Batches combined from streams read in lockstep, with their joint `stats` (or None).
+
+    `combine(*batches)` makes one batch of one batch of each stream; the run loop takes the
+    counts of skipped files of all the streams as one stream's (`stats.JointStats`).
+    """
+
+    def __init__(self, parts: list[Iterator[Batch]], combine: Callable[..., Batch]):
+        self._parts, self._combine = parts, combine
+        counted = [p.stats for p in parts if getattr(p, "stats", None) is not None]
+        self.stats = JointStats(counted) if counted else None
+
+    def __iter__(self) -> Joined:
+        return self
+
+    def __next__(self) -> Batch:
+        return self._combine(*(next(p) for p in self._parts))
+
+    def close(self) -> None:
+        """Stops every stream's threads."""
+        for p in self._parts:
+            if hasattr(p, "close"):
+                p.close()

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from simclr_jax import augment, checkpoint, models, optim
 from simclr_jax.data import labelled
-from simclr_jax.runtime import compiled, cpu_conv, files, keys, parallel
+from simclr_jax.runtime import compiled, cpu_conv, files, keys, loop, parallel
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +283,7 @@ def evaluate_classifier(
     total = jnp.zeros((3,), jnp.int32)
     for _ in range(n):
         total = total + fn(variables, parallel.host_to_global(next(batches), mesh))
+    loop.finish_eval_stream(f"evaluation on {config.dataset} test", batches)
     hits1, hits5, count = (int(v) for v in jax.device_get(total))
     return {"top1": hits1 / max(count, 1), "top5": hits5 / max(count, 1), "num_examples": count}
 

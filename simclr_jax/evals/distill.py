@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -32,7 +31,7 @@ import numpy as np
 import optax
 
 from simclr_jax import augment, checkpoint, config_base, data, models
-from simclr_jax.data import labelled
+from simclr_jax.data import labelled, streams
 from simclr_jax.evals import classifier, classifier_run, distill_cache, finetune
 from simclr_jax.evals.classifier import Classifier, ClassifierState
 from simclr_jax.evals.distill_teacher import Teacher, check_fits, load_teacher, teacher_shardings
@@ -193,37 +192,33 @@ def host_batches(
     label_batch: int,
     start: int,
     cache: np.ndarray | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> streams.Joined:
     """This host's `{'image'}` train batches (labels dropped), plus the labelled subset's.
 
-    With `cache` (the teacher's logits [N, C] by example) they carry 'teacher_logits' too.
+    With `cache` (the teacher's logits [N, C] by example) they carry 'teacher_logits' too. The
+    two streams' skipped files count as one stream's (several processes agree on them).
     """
     aug = bool(config.distill.augment)
     images = labelled.labelled_train_iterator(
         config, batch, augment=aug, seed=config.seed, start_step=start, with_index=cache is not None
     )
-    streams = [images]
 
     def unlabelled(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # labels never sent
         cached = {} if cache is None else {"teacher_logits": cache[b["index"]]}
         return {"image": b["image"], **cached}
 
-    try:
-        if not label_batch:
-            yield from map(unlabelled, images)
-            return
-        keep, subset = finetune.selection(config)
-        labels = labelled.labelled_train_iterator(
-            config, label_batch, keep=keep, subset=subset, augment=aug, seed=config.seed,
-            start_step=start,
-        )  # fmt: skip
-        streams.append(labels)
-        for b, lb in zip(images, labels, strict=True):
-            yield {**unlabelled(b), "label_image": lb["image"], "label": lb["label"]}
-    finally:  # stop the streams' prefetch threads with the loop's iterator
-        for it in streams:
-            if hasattr(it, "close"):
-                it.close()
+    if not label_batch:
+        return streams.Joined([images], unlabelled)
+    keep, subset = finetune.selection(config)
+    labels = labelled.labelled_train_iterator(
+        config, label_batch, keep=keep, subset=subset, augment=aug, seed=config.seed,
+        start_step=start,
+    )  # fmt: skip
+
+    def both(b: dict[str, np.ndarray], lb: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**unlabelled(b), "label_image": lb["image"], "label": lb["label"]}
+
+    return streams.Joined([images, labels], both)
 
 
 def batch_sizes(config: ml_collections.ConfigDict, mesh: Any) -> dict[str, int]:

@@ -33,7 +33,7 @@ from simclr_jax import augment
 from simclr_jax.data import labelled
 from simclr_jax.evals import classifier
 from simclr_jax.evals.distill_teacher import Teacher
-from simclr_jax.runtime import compiled, parallel
+from simclr_jax.runtime import compiled, loop, parallel
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,7 @@ def teacher_cache(
         if jax.process_index() == 0:
             _write_chunk(root, first, chunk)
         computed += last - first
-    if hasattr(batches, "close"):
-        batches.close()
+    loop.finish_eval_stream("teacher cache", batches)
     if jax.process_index() == 0:
         _write_manifest(manifest, {**want, "complete": True})
     parallel.barrier("distill_cache_written")

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from simclr_jax.data import labelled
-from simclr_jax.runtime import compiled, parallel
+from simclr_jax.runtime import compiled, loop, parallel
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -88,6 +88,7 @@ def feature_bank(
             bank, labels = bank
         bank = put(bank, i, feats)
         labels = put(labels, i, y.astype(jnp.int32))
+    loop.finish_eval_stream(f"feature bank of {config.dataset} {split}", batches)
     if bank is None:
         raise ValueError(f"the {split} split of {config.dataset} is empty: no kNN bank")
     return bank, labels

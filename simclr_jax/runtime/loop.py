@@ -238,6 +238,16 @@ def _bad_files(r: Run, stats: Any, start: int, step: int) -> int:
     mine = stats.through(step - start)
     if stats.decide_locally:  # one process: the stream decides as it reads
         return mine.bad
+    return agree_on_bad_files(r.name, mine, f"at step {step}")
+
+
+def agree_on_bad_files(name: str, mine: Any, where: str) -> int:
+    """The files skipped by all processes, given this one's `StreamStats`; a collective.
+
+    Too many bad of all that was read stops every process with the same line (naming the
+    first bad files in process order), where a process deciding alone would leave the others
+    waiting in their next collective.
+    """
     summaries = parallel.gather_json(mine.summary())
     total = type(mine).summed(summaries, mine.max_fraction)
     if total.over_limit():
@@ -245,9 +255,22 @@ def _bad_files(r: Run, stats: Any, start: int, step: int) -> int:
             total.check()
         except ValueError as e:
             raise type(e)(
-                f"{r.name}: stopped at step {step} on all {len(summaries)} processes: {e}"
+                f"{name}: stopped {where} on all {len(summaries)} processes: {e}"
             ) from None
     return total.bad
+
+
+def finish_eval_stream(name: str, batches: Any) -> None:
+    """After a pass over an eval stream: close it; several processes agree on its bad files.
+
+    One process has checked them as it read (`labelled.eval_batches`); several pass their
+    counts here after the pass, which every process ends at the same batch.
+    """
+    if hasattr(batches, "close"):
+        batches.close()
+    stats = getattr(batches, "stats", None)
+    if stats is not None and not stats.decide_locally:
+        agree_on_bad_files(name, stats, "after its pass over the split")
 
 
 def close_manager(manager: Any) -> None:
