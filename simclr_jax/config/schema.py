@@ -62,7 +62,7 @@ def shared_config() -> ml_collections.ConfigDict:
     c.augment = augment.default_augment_config(IMAGE_SIZE)  # the keys and defaults: augment.py
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "resnet"  # the encoder: 'resnet' (the keys below) or 'vit' (docs/models.md)
+    c.model.name = "resnet"  # the encoder: 'resnet' (the keys below), 'vit' or 'text' (models.md)
     # ViT keys (model.name='vit'): big_vision's '<size>/<patch>' (Ti, S, B, L, ...; 'mu' for tests)
     c.model.variant = "B/16"
     c.model.pool = "tok"  # pooled feature: 'tok' (class token) or 'gap' (mean of patch tokens)
@@ -70,6 +70,9 @@ def shared_config() -> ml_collections.ConfigDict:
     # Side of the learned position-embedding grid in patches (0: the input's); other inputs get
     # it resized. Exports record it, so an encoder evaluates at another image size.
     c.model.posemb_grid = 0
+    # Text keys (model.name='text': variant is a size alone, 'mu', 'Ti', 'S', ...; pool as above)
+    c.model.vocab_size = models.text.DEFAULT_VOCAB_SIZE  # token ids, the 6 special ones included
+    c.model.max_len = models.text.DEFAULT_MAX_LEN  # tokens per example, [CLS] and [SEP] included
     # ResNet keys (model.name='resnet')
     c.model.depth = 50  # one of models.RESNET_LAYOUTS: 18, 34, 50, 101, 152, 200
     c.model.width_multiplier = 1  # 1, 2, 3, 4
@@ -228,6 +231,11 @@ def validate_shared(c: ml_collections.ConfigDict) -> None:
     _validate_model(c.model)
     if c.model.name == "vit":
         _validate_vit(c.model, c.augment.image_size)
+    if c.model.name == "text":
+        try:
+            models.check_text_config(c.model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     o = c.optim
     check(o.name in optim.OPTIMIZERS, "optim.name", o.name, _one_of(optim.OPTIMIZERS))
     check(o.base_lr > 0, "optim.base_lr", o.base_lr, "> 0")

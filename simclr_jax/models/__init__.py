@@ -1,4 +1,4 @@
-"""Flax models: ResNet and ViT encoders, projection head, online linear head, their composition."""
+"""Flax models: ResNet, ViT and text encoders, projection head, online linear head, composition."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simclr_jax.models import text
 from simclr_jax.models.heads import LinearHead, Predictor, ProjectionHead
 from simclr_jax.models.resnet import (
     COMPATS,
@@ -20,10 +21,11 @@ from simclr_jax.models.resnet import (
     feature_dim,
     resnet,
 )
+from simclr_jax.models.text import MlmHead, TextTransformer, build_text, check_text_config
 from simclr_jax.models.vit import POOLS, POSEMBS, VIT_SIZES, ViT, build_vit, parse_variant
 
-# config.model.name -> the encoder family (create_encoder builds either from config.model).
-ENCODERS = ("resnet", "vit")
+# config.model.name -> the encoder family (create_encoder builds any of them from config.model).
+ENCODERS = ("resnet", "vit", "text")
 
 __all__ = [
     "COMPATS",
@@ -32,16 +34,20 @@ __all__ = [
     "POOLS",
     "POSEMBS",
     "LinearHead",
+    "MlmHead",
     "Predictor",
     "ProjectionHead",
     "RESNET_LAYOUTS",
     "STEMS",
     "ResNet",
+    "TextTransformer",
     "VIT_SIZES",
     "ViT",
     "SimCLRModel",
     "create_head",
     "create_model",
+    "check_text_config",
+    "dummy_input",
     "describe_encoder",
     "encoder_feature_dim",
     "encoder_label",
@@ -49,6 +55,7 @@ __all__ = [
     "feature_dim",
     "init_variables",
     "parse_variant",
+    "build_text",
     "build_vit",
     "resnet",
 ]
@@ -116,6 +123,14 @@ def create_encoder(model_config: Any, conv: Callable[..., Any] | None = None) ->
             create_encoder(per_patch, conv), patch, int(model_config.patch_grid_stride)
         )
     name = encoder_name(model_config)
+    if name == "text":  # token ids -> sentence features (models/text.py)
+        return build_text(
+            model_config.variant,
+            vocab_size=model_config.get("vocab_size", text.DEFAULT_VOCAB_SIZE),
+            max_len=model_config.get("max_len", text.DEFAULT_MAX_LEN),
+            pool=model_config.get("pool", "gap"),
+            dtype=compute_dtype(model_config.dtype),
+        )
     if name == "vit":
         return build_vit(
             model_config.variant,
@@ -141,7 +156,9 @@ def create_encoder(model_config: Any, conv: Callable[..., Any] | None = None) ->
 
 
 def encoder_label(model_config: Any) -> str:
-    """'ResNet-50', 'ViT-B/16': the encoder's name for logs and reports."""
+    """'ResNet-50', 'ViT-B/16', 'Text-S': the encoder's name for logs and reports."""
+    if encoder_name(model_config) == "text":
+        return f"Text-{model_config['variant']}"
     if encoder_name(model_config) == "vit":
         return f"ViT-{model_config['variant']}"
     return f"ResNet-{model_config['depth']}"
@@ -150,6 +167,8 @@ def encoder_label(model_config: Any) -> str:
 def encoder_feature_dim(model_config: Any) -> int:
     """Width of the pooled features of the encoder `model_config` describes."""
     m = model_config  # a ConfigDict or an export's plain dict
+    if encoder_name(m) == "text":
+        return text.text_size(m["variant"])[0]
     if encoder_name(m) == "vit":
         return parse_variant(m["variant"])[0][0]
     return feature_dim(int(m["depth"]), int(m["width_multiplier"]), int(m.get("base_width", 64)))
@@ -214,8 +233,20 @@ def head_out_scale(model_config: Any, head_params: Any) -> bool:
     )
 
 
-def init_variables(model: Any, key: jax.Array, image_size: int) -> dict[str, Any]:
-    """Initialises model variables from a dummy batch of the training image size."""
-    dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+def dummy_input(model_config: Any, image_size: int) -> jax.Array:
+    """A batch of 2 the encoder takes: zero token ids `[2, max_len]` (text), else images."""
+    if model_config is not None and encoder_name(model_config) == "text":
+        return jnp.zeros((2, model_config.get("max_len", text.DEFAULT_MAX_LEN)), jnp.int32)
+    return jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+
+
+def init_variables(
+    model: Any, key: jax.Array, image_size: int, model_config: Any = None
+) -> dict[str, Any]:
+    """Initialises model variables from a dummy batch (`dummy_input(model_config, image_size)`).
+
+    Without `model_config` the dummy is an image batch of the training image size.
+    """
+    dummy = dummy_input(model_config, image_size)
     # 'batch_stats' always: a ViT with a BN-free head has none, and states keep the field.
     return {"batch_stats": {}, **model.init(key, dummy, train=False)}

@@ -131,14 +131,16 @@ class Encoder1DBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """`mask`: bool, broadcastable to `[N, heads, queries, keys]`; False keys are never
+        attended (the text encoder's pads). None: every token attends to every token."""
         y = nn.LayerNorm(epsilon=LN_EPSILON)(x)
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
             kernel_init=nn.initializers.xavier_uniform(),
             dtype=self.dtype,
             attention_fn=_attention,
-        )(y, y)
+        )(y, y, mask=mask)
         x = x + y.astype(x.dtype)
         y = nn.LayerNorm(epsilon=LN_EPSILON)(x)
         return x + MlpBlock(self.mlp_dim, dtype=self.dtype)(y).astype(x.dtype)
@@ -153,10 +155,11 @@ class Encoder(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """`mask`: the attention mask of every block (`Encoder1DBlock`); None: no mask."""
         for i in range(self.depth):
             x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dtype, name=f"encoderblock_{i}")(
-                x
+                x, mask
             )
         return nn.LayerNorm(epsilon=LN_EPSILON, name="encoder_norm")(x)
 

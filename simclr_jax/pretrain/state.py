@@ -35,7 +35,7 @@ def model_and_optimizer(
     """The run's network, its optimizer and LR schedule (built on the params' shapes only)."""
     model = create_model(config, num_classes)
     shapes = jax.eval_shape(
-        lambda: init_variables(model, jax.random.key(0), config.augment.image_size)
+        lambda: init_variables(model, jax.random.key(0), config.augment.image_size, config.model)
     )
     frozen = methods.get(config.method).frozen_params(config)
     tx, schedule = optim.make_optimizer(config, shapes["params"], steps_per_epoch, frozen)
@@ -57,7 +57,7 @@ def _state_initializer(
         # Created inside the traced function: no host-to-device transfer of the seed.
         seed = config.seed
         params_key = keys.derive(seed, keys.INIT_PARAMS)
-        variables = init_variables(model, params_key, config.augment.image_size)
+        variables = init_variables(model, params_key, config.augment.image_size, config.model)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=variables["params"],
