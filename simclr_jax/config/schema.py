@@ -58,6 +58,15 @@ def shared_config() -> ml_collections.ConfigDict:
     # read; more stop the run naming the first ones (docs/data.md).
     c.data.max_bad_fraction = MAX_BAD_FRACTION
     c.data.eval_max_examples = 0  # cap on examples read for evaluation (0: all)
+    # Text datasets (dataset = 'text_file', 'lee_news', 'tfds_text', 'hf_text'; docs/data.md).
+    c.data.text_files = ml_collections.config_dict.placeholder(str)  # file, glob or folder of *.txt
+    c.data.tfds_name = ml_collections.config_dict.placeholder(str)  # tfds_text: e.g. 'glue/sst2'
+    c.data.hf_path = ml_collections.config_dict.placeholder(str)  # hf_text: save_to_disk dir/file
+    c.data.text_field = "sentence"  # tfds_text / hf_text: the feature or column with the text
+    c.data.text_split = "train"  # tfds_text / hf_text: the split pretrained on
+    c.data.lowercase = True  # the tokenizer lowercases (and strips accents), as BERT uncased
+    # Examples the tokenizer is trained on, evenly spaced over the split (0: all of them).
+    c.data.tokenizer_train_examples = 0
 
     c.augment = augment.default_augment_config(IMAGE_SIZE)  # the keys and defaults: augment.py
 
@@ -269,6 +278,7 @@ def _validate_data_and_augment(c: ml_collections.ConfigDict) -> None:
     check(c.data.image_size > 0, "data.image_size", c.data.image_size, "> 0")
     check(c.data.prefetch >= 0, "data.prefetch", c.data.prefetch, ">= 0")
     check(c.data.read_threads >= 1, "data.read_threads", c.data.read_threads, ">= 1")
+    _validate_text_data(c)
     check(
         0 <= c.data.max_bad_fraction < 1,
         "data.max_bad_fraction",
@@ -292,6 +302,23 @@ def _validate_data_and_augment(c: ml_collections.ConfigDict) -> None:
         augment.validate_augment_config(c.augment)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _validate_text_data(c: ml_collections.ConfigDict) -> None:
+    d = c.data
+    for key in ("text_field", "text_split"):
+        check(isinstance(d[key], str) and d[key] != "", f"data.{key}", d[key], "a non-empty name")
+    check(
+        d.tokenizer_train_examples >= 0,
+        "data.tokenizer_train_examples",
+        d.tokenizer_train_examples,
+        ">= 0 (0: every example)",
+    )
+    # The key a text dataset cannot do without (where it points is checked when it is read).
+    needs = {"text_file": "text_files", "tfds_text": "tfds_name", "hf_text": "hf_path"}
+    key = needs.get(c.dataset)
+    if key is not None:
+        check(bool(d[key]), f"data.{key}", d[key], f"set for dataset={c.dataset!r}")
 
 
 def _validate_model(m: ml_collections.ConfigDict) -> None:

@@ -18,8 +18,11 @@ picked by `config.dataset`:
 The modules below: `datasets` (names, sizes, arrays, builders, folders), `sources` (random-access
 sources), `decode` (host crops), `streams` (epoch order, tf.data options, prefetching),
 `pipeline` (the streamed stages), `stats` (skipped-record counts), `convert` (TFRecord to
-ArrayRecord); `labelled` holds the downstream jobs' labelled streams. The names other modules
-use are re-exported here.
+ArrayRecord); `labelled` holds the downstream jobs' labelled streams. Text datasets
+(`datasets.modality(name) == 'text'`) have their own: `text_sources` (line files, the bundled
+Lee corpus, tfds, Hugging Face datasets), `tokenizer` (WordPiece, fixed-length ids), `text`
+(the token-id stream, same order) and `text_eval_data` (STS pairs, probe sentences). The names
+other modules use are re-exported here.
 """
 
 from __future__ import annotations
@@ -35,19 +38,21 @@ from simclr_jax.data.datasets import (  # noqa: F401  (re-exported: data.dataset
     EVAL_CROP_FRACTION,
     IN_MEMORY_DATASETS,
     STREAMED_DATASETS,
+    TEXT_DATASETS,
     TFDS_SPLITS,
     Batch,
     DatasetInfo,
     DatasetNotAvailableError,
-    dataset_info,
     dataset_name,
     folder_splits,
     import_tf,
     import_tfds,
     memory_arrays,
+    modality,
     tfds_builder,
     tfds_num_examples,
 )
+from simclr_jax.data.datasets import dataset_info as _image_info
 from simclr_jax.data.decode import (  # noqa: F401  (re-exported)
     crop_windows,
     decode_centre,
@@ -68,9 +73,25 @@ from simclr_jax.data.pipeline import (  # noqa: F401  (re-exported)
 )
 from simclr_jax.data.sources import open_source
 from simclr_jax.data.streams import Prefetcher, host_seed, memory_batches
+from simclr_jax.data.text import (  # noqa: F401  (re-exported)
+    TextStats,
+    load_or_train_tokenizer,
+    text_info,
+    text_iterator,
+    training_texts,
+)
+from simclr_jax.data.text_eval_data import probe_texts, sts_pairs  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     import ml_collections
+    import tokenizers
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+    """Class count and split sizes of config.dataset, image or text, from metadata."""
+    if modality(dataset_name(config)) == "text":
+        return text_info(config)
+    return _image_info(config)
 
 
 def _pretrain_prepare(config: ml_collections.ConfigDict) -> Prepare:
@@ -145,6 +166,7 @@ def pretrain_iterator(
     process_count: int | None = None,
     start_step: int = 0,
     with_index: bool = False,
+    tokenizer: tokenizers.Tokenizer | None = None,
 ) -> Iterator[Batch]:
     """This host's endless batches {'image': uint8 [b, S, S, 3], 'label': int32 [b]}.
 
@@ -157,7 +179,9 @@ def pretrain_iterator(
     [b, H, H, 3] plus the windows 'crop': float32 [b, 2, 4] (y, x, h, w in its pixels) that
     `augment.views` cuts out on device. Labels are -1 for unlabelled images. A streamed
     iterator's `stats` counts the records read and skipped as undecodable. Close the iterator
-    (or drop it) to stop its threads.
+    (or drop it) to stop its threads. A text dataset (`modality(name) == 'text'`) needs the
+    run's `tokenizer` and yields {'tokens', 'words': int32 [b, model.max_len], 'label'}
+    (`text.text_iterator`, the same order; `stats` also counts truncated examples).
     """
     name = dataset_name(config)
     process_index = jax.process_index() if process_index is None else process_index
@@ -170,7 +194,21 @@ def pretrain_iterator(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
     batch = config.batch_size // process_count
-    if name in IN_MEMORY_DATASETS:
+    if modality(name) == "text":
+        if tokenizer is None:
+            raise ValueError(
+                f"config.dataset={name!r} is text: pretrain_iterator needs tokenizer= (the "
+                "run's, data.load_or_train_tokenizer(config, workdir))."
+            )
+        batches = text_iterator(
+            config,
+            tokenizer,
+            process_index=process_index,
+            process_count=process_count,
+            start_step=start_step,
+            with_index=with_index,
+        )
+    elif name in IN_MEMORY_DATASETS:
         if config.data.host_crop or config.data.host_size:
             raise ValueError(
                 f"config.data.host_crop and host_size are for {', '.join(STREAMED_DATASETS)}, "
@@ -194,6 +232,11 @@ def eval_arrays(config: ml_collections.ConfigDict, split: str) -> tuple[np.ndarr
     """Images uint8 [N, S, S, 3] and labels int32 [N] of a labelled split, in a fixed order."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+    if modality(dataset_name(config)) == "text":
+        raise ValueError(
+            f"config.dataset={config.dataset!r} is text: its evaluation data are "
+            "data.sts_pairs and data.probe_texts, not image arrays."
+        )
     if dataset_name(config) in IN_MEMORY_DATASETS:
         return memory_arrays(config, split, config.data.eval_max_examples)
     return _streamed_arrays(config, split)

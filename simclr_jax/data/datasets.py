@@ -21,7 +21,11 @@ if TYPE_CHECKING:
 
 IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")
 STREAMED_DATASETS = ("stl10", "imagenet2012", "image_folder")
-DATASETS = IN_MEMORY_DATASETS + STREAMED_DATASETS
+# Text (`data.text`): lines of text files, the Lee news sentences bundled with gensim, a tfds
+# text dataset, a local Hugging Face dataset.
+TEXT_DATASETS = ("text_file", "lee_news", "tfds_text", "hf_text")
+DATASETS = IN_MEMORY_DATASETS + STREAMED_DATASETS + TEXT_DATASETS
+MODALITIES = ("image", "text")
 # tfds split read for pretraining and for each labelled evaluation split.
 TFDS_SPLITS = {
     "cifar10": {"pretrain": "train", "train": "train", "test": "test"},
@@ -62,6 +66,13 @@ class DatasetInfo:
 
 class DatasetNotAvailableError(RuntimeError):
     """The dataset is not on this machine; the message says how to prepare it."""
+
+
+def modality(name: str) -> str:
+    """'text' for a text dataset, 'image' for an image one (ValueError for an unknown name)."""
+    if name not in DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; allowed: {', '.join(DATASETS)}.")
+    return "text" if name in TEXT_DATASETS else "image"
 
 
 def dataset_name(config: ml_collections.ConfigDict) -> str:
