@@ -108,7 +108,9 @@ def line_index(path: str) -> np.ndarray:
     return _line_index(path, stat.st_size, stat.st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=64)
+# Unbounded: a corpus of many files is opened several times per run (its size, the tokenizer's
+# texts, the stream), and a source holds every file's offsets anyway.
+@functools.cache
 def _line_index(path: str, size: int, mtime_ns: int) -> np.ndarray:
     """`line_index` of one version of a file (size and mtime are the cache key)."""
     del size, mtime_ns
