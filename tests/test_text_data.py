@@ -77,11 +77,14 @@ def test_text_folder_stream_order_resume_and_hosts(folder, tok):
         np.testing.assert_array_equal(batch["words"], words)
         np.testing.assert_array_equal(batch["label"], np.full(4, -1))
         assert batch["tokens"].dtype == batch["words"].dtype == np.int32
+    c.data.prefetch = 2  # through the Prefetcher, as a run reads it
     resumed = data.pretrain_iterator(
         c, process_index=0, process_count=1, start_step=5, tokenizer=tok
     )
     for want, got in zip(fresh[5:], _take(resumed, 2), strict=True):
         np.testing.assert_array_equal(got["tokens"], want["tokens"])
+    assert isinstance(resumed.stats, data.TextStats)
+    resumed.close()
     hosts = [
         _take(
             data.text_iterator(
@@ -183,6 +186,10 @@ def test_tfds_glue_tasks_and_stream(tok):
         c.data.text_field = "text"
         with pytest.raises(ValueError, match="no feature data.text_field='text'.*'sentence'"):
             data.dataset_info(c)
+        c.data.tfds_name, c.data.text_field = "glue/stsb", "sentence1"  # float scores: no classes
+        assert data.dataset_info(c).num_classes == 1
+        batch = next(data.text_iterator(c, tok, process_index=0, process_count=1, start_step=0))
+        np.testing.assert_array_equal(batch["label"], np.full(4, -1))
     with pytest.raises(ValueError, match="no labelled split 'test'"):
         data.probe_texts(_config(), "sst2", "test")
 
@@ -272,4 +279,17 @@ def test_hf_text_from_jsonl(tmp_path, tok, monkeypatch):
     np.testing.assert_array_equal(batch["label"], index % 3)
     c.data.text_field = "body"
     with pytest.raises(ValueError, match="no column data.text_field='body'"):
+        data.dataset_info(c)
+    saved = tmp_path / "saved"  # a save_to_disk folder of several splits
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"sentence": LINES[:5]}),
+        test=datasets.Dataset.from_dict({"sentence": LINES[5:]}),
+    ).save_to_disk(str(saved))
+    c.data.hf_path, c.data.text_field, c.data.text_split = str(saved), "sentence", "test"
+    assert data.dataset_info(c).num_train_examples == 6
+    assert list(data.training_texts(c)) == LINES[5:]
+    c.data.tokenizer_train_examples = 3  # evenly spaced: the first, a middle and the last
+    assert list(data.training_texts(c)) == [LINES[5], LINES[7], LINES[10]]
+    c.data.text_split = "dev"
+    with pytest.raises(ValueError, match="no split data.text_split='dev'; it has"):
         data.dataset_info(c)

@@ -224,9 +224,10 @@ class TfdsTextSource:
                 f"machine with internet access: `tfds build {name}{dir_flag} "
                 "--file_format=array_record`, and copy the data directory here."
             ) from None
-        label = features["label"] if "label" in features else None
-        self._labelled = label is not None
-        self.num_classes = int(getattr(label, "num_classes", None) or 1)
+        # Labels are class ids only (a ClassLabel); stsb's float scores are no classes.
+        classes = getattr(features["label"], "num_classes", None) if "label" in features else None
+        self._labelled = bool(classes)
+        self.num_classes = int(classes or 1)
 
     def __len__(self) -> int:
         return len(self._source)
