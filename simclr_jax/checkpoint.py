@@ -340,12 +340,18 @@ def export_dir(workdir: str) -> str:
 
 
 def export_encoder(
-    path: str, variables: dict[str, Any], model_config: dict[str, Any], source: dict[str, Any]
+    path: str,
+    variables: dict[str, Any],
+    model_config: dict[str, Any],
+    source: dict[str, Any],
+    extra_files: dict[str, str] | None = None,
 ) -> str:
     """Writes encoder (+ projection head) variables with orbax and a JSON description to `path`.
 
     The JSON (`export.json`) holds the architecture, so loading needs nothing from the run.
-    The export is written beside the target and swapped in, so a crash leaves the old one.
+    `extra_files` `{name: existing file}` are copied in beside it (a text encoder's
+    `tokenizer.json`). The export is written beside the target and swapped in, so a crash
+    leaves the old one.
     """
     missing = sorted(set(_V1_MODEL_DEFAULTS) - set(model_config))
     if missing:  # format 2 states every key (format 1 left these to defaults)
@@ -364,6 +370,8 @@ def export_encoder(
         }
         with open(os.path.join(tmp, "export.json"), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, os.path.join(tmp, name))
         if os.path.exists(path):
             old = f"{path}.old-{int(time.time() * 1e6)}"
             os.rename(path, old)
