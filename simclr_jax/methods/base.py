@@ -21,6 +21,8 @@ A method is one module in `simclr_jax/methods/` that builds a `Method` and passe
 - `needs_index`: the batches carry `'index'`, each example's position in the training split;
 - `frozen_params(config)`: key paths of param subtrees the optimizer never changes (MoCo v3's
   frozen patch projection, `('encoder', 'embedding')`); none by default.
+- `modality`: what its batches carry, `'image'` (`'image'`, `'label'`) or `'text'` (`'tokens'`,
+  `'words'`, `'label'`: CLEAR).
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class Method:
     needs_index: bool = False
     # Key paths into the params of subtrees with a zero update (`optim.freeze`): bit-identical.
     frozen_params: Callable[[Any], tuple[tuple[str, ...], ...]] = nothing_frozen
+    # What the batches carry: 'image' (images, every method so far) or 'text' (token ids).
+    modality: str = "image"
 
 
 REGISTRY: dict[str, Method] = {}
@@ -106,10 +110,19 @@ def get(name: str) -> Method:
     return REGISTRY[name]
 
 
-def train_apply(model: Any, params: Any, batch_stats: Any, x: jax.Array) -> tuple[dict, Any]:
-    """The network in train mode (BN over the global batch): its outputs and new BN statistics."""
+def train_apply(
+    model: Any, params: Any, batch_stats: Any, x: jax.Array, **kwargs: Any
+) -> tuple[dict, Any]:
+    """The network in train mode (BN over the global batch): its outputs and new BN statistics.
+
+    `kwargs` go to the model's `__call__` (CLEAR's `mlm_every`).
+    """
     out, new_vars = model.apply(
-        {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+        {"params": params, "batch_stats": batch_stats},
+        x,
+        train=True,
+        mutable=["batch_stats"],
+        **kwargs,
     )
     return out, new_vars.get("batch_stats", {})  # none: a ViT with a BN-free head
 

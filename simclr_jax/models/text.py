@@ -83,6 +83,9 @@ class TextTransformer(nn.Module):
 class MlmHead(nn.Module):
     """BERT's MLM head: Dense(width) -> GELU -> LayerNorm -> Dense(vocab_size) logits (fp32).
 
+    Kernels from normal(0.02), BERT's initializer range: the first logits are near uniform, the
+    loss near log(vocab_size).
+
     Untied: its output matrix is its own, not the token embedding (BERT ties them; with tiny
     models and a small vocabulary the difference is a few params, the loss is the same form).
     """
@@ -92,9 +95,11 @@ class MlmHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = nn.Dense(x.shape[-1], dtype=self.dtype, name="transform")(x)
+        init = nn.initializers.normal(stddev=0.02)
+        y = nn.Dense(x.shape[-1], kernel_init=init, dtype=self.dtype, name="transform")(x)
         y = nn.LayerNorm(epsilon=LN_EPSILON, name="norm")(nn.gelu(y, approximate=False))
-        return nn.Dense(self.vocab_size, dtype=self.dtype, name="decoder")(y).astype(jnp.float32)
+        y = nn.Dense(self.vocab_size, kernel_init=init, dtype=self.dtype, name="decoder")(y)
+        return y.astype(jnp.float32)
 
 
 def text_size(variant: str) -> tuple[int, int, int, int]:
