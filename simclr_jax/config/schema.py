@@ -15,6 +15,7 @@ from simclr_jax.config.moved import first_moved, moved_message
 from simclr_jax.config.resume import flatten
 from simclr_jax.data.datasets import DATASETS
 from simclr_jax.data.pipeline import MAX_BAD_FRACTION, READ_THREADS
+from simclr_jax.data.text_eval_data import PROBE_TASKS, STS_TASKS
 
 # Facts of the schema itself (no lower module owns them).
 WIDTH_MULTIPLIERS = (1, 2, 3, 4)  # the SimCLR (v2) ResNet widths
@@ -64,6 +65,10 @@ def shared_config() -> ml_collections.ConfigDict:
     c.data.hf_path = ml_collections.config_dict.placeholder(str)  # hf_text: save_to_disk dir/file
     c.data.text_field = "sentence"  # tfds_text / hf_text: the feature or column with the text
     c.data.text_split = "train"  # tfds_text / hf_text: the split pretrained on
+    # The labelled text split the downstream jobs evaluate on (GLUE's labelled eval split).
+    c.data.text_test_split = "validation"
+    # The downstream jobs' tokenizer.json ('': the encoder's own, beside its export or checkpoint).
+    c.data.tokenizer = ""
     c.data.lowercase = True  # the tokenizer lowercases (and strips accents), as BERT uncased
     # Examples the tokenizer is trained on, evenly spaced over the split (0: all of them).
     c.data.tokenizer_train_examples = 0
@@ -126,6 +131,11 @@ def shared_config() -> ml_collections.ConfigDict:
     # 'features': the fast probe on centre-crop features extracted once (shared with the kNN);
     # 'streamed': the augmented --mode=linear_eval run, for eval.linear_epochs.
     c.eval.linear_mode = "features"
+    # Text encoders (evals/text_eval.py): STS Spearman on this task's pairs and a logistic-
+    # regression probe on this task's sentences, random init vs pretrained. 'lee' / 'polarity'
+    # ship with gensim (offline); 'stsb' / 'sst2' are GLUE's through tfds.
+    c.eval.sts_task = "lee"  # one of text_eval_data.STS_TASKS
+    c.eval.probe_task = "polarity"  # one of text_eval_data.PROBE_TASKS
 
     # --mode=linear_eval: SimCLR's protocol (the ImageNet command: 90 epochs, batch 4096,
     # momentum SGD, LR 0.1 x B/256, no warm-up, weight decay 1e-6), on streamed data.
@@ -271,6 +281,13 @@ def validate_shared(c: ml_collections.ConfigDict) -> None:
         f"one of {list(LINEAR_MODES)}",
     )
     check(c.eval.knn_k > 0, "eval.knn_k", c.eval.knn_k, "> 0")
+    check(c.eval.sts_task in STS_TASKS, "eval.sts_task", c.eval.sts_task, _one_of(STS_TASKS))
+    check(
+        c.eval.probe_task in PROBE_TASKS,
+        "eval.probe_task",
+        c.eval.probe_task,
+        _one_of(PROBE_TASKS),
+    )
     check(c.eval.batch_size > 0, "eval.batch_size", c.eval.batch_size, "> 0")
 
 
@@ -306,8 +323,9 @@ def _validate_data_and_augment(c: ml_collections.ConfigDict) -> None:
 
 def _validate_text_data(c: ml_collections.ConfigDict) -> None:
     d = c.data
-    for key in ("text_field", "text_split"):
+    for key in ("text_field", "text_split", "text_test_split"):
         check(isinstance(d[key], str) and d[key] != "", f"data.{key}", d[key], "a non-empty name")
+    check(isinstance(d.tokenizer, str), "data.tokenizer", d.tokenizer, "a path or ''")
     check(
         d.tokenizer_train_examples >= 0,
         "data.tokenizer_train_examples",

@@ -58,7 +58,7 @@ def step0_variables(config: ml_collections.ConfigDict, model: Any) -> dict[str, 
     """The pretraining run's step-0 variables (its own jitted init of fold_in(seed, 0))."""
     # Compiled as the run compiles it: the same bits (an eager op-by-op init rounds differently).
     key = keys.derive(config.seed, keys.INIT_PARAMS)
-    return jit_init(lambda: init_variables(model, key, config.augment.image_size))()
+    return jit_init(lambda: init_variables(model, key, config.augment.image_size, config.model))()
 
 
 def encoder_source(
@@ -129,8 +129,10 @@ def evaluate_run(
     `eval.json` is `{'linear': {'random_init', 'pretrained'}, 'knn': {...}}` (top-1), plus the
     same with top-5 under 'linear_top5' / 'knn_top5'.
     """
-    info = data.dataset_info(config)
     trained_vars = {"params": state.params, "batch_stats": state.batch_stats}
+    if data.modality(config.dataset) == "text":
+        return _evaluate_text_run(config, model, trained_vars, mesh, workdir)
+    info = data.dataset_info(config)
     results: dict[str, dict[str, float]] = {}
     for name, variables in (
         ("random_init", step0_variables(config, model)),
@@ -143,3 +145,23 @@ def evaluate_run(
         files.write_json_atomic(os.path.join(workdir, "eval.json"), results, indent=2)
         print(format_table(results), flush=True)
     return results
+
+
+def _evaluate_text_run(
+    config: ml_collections.ConfigDict, model: Any, trained_vars: Any, mesh: Mesh, workdir: str
+) -> dict[str, Any]:
+    """STS and the linear probe of the random-init and pretrained text encoders (`text_eval`)."""
+    from simclr_jax.data import tokenizer
+    from simclr_jax.evals import text_eval
+
+    def encoder(variables: Any) -> dict[str, Any]:
+        return jax.device_get(
+            {"params": variables["params"]["encoder"], "batch_stats": {}}  # no BN in the encoder
+        )
+
+    by_name = {
+        "random_init": encoder(step0_variables(config, model)),
+        "pretrained": encoder(trained_vars),
+    }
+    tok = tokenizer.load(os.path.join(workdir, data.TOKENIZER_FILE))
+    return text_eval.evaluate_text_run(config, by_name, mesh, workdir, tok)

@@ -81,6 +81,7 @@ def train(
         # Every process has read the saved config.json before process 0 replaces it.
         parallel.barrier("simclr_config_checked")
         config_base.record_run(config, workdir, JOB)
+        tokenizer = text_tokenizer(config, workdir)
         log.info(
             "pretraining %s with %s on %s: %d steps (%d per epoch), global batch %d on %d devices",
             models.encoder_label(config.model),
@@ -108,7 +109,7 @@ def train(
                 config, model, tx, schedule, mesh, total_steps, num_train_examples=n_train
             ),
             host_batches=lambda: data.pretrain_iterator(
-                config, start_step=start, with_index=with_index
+                config, start_step=start, with_index=with_index, tokenizer=tokenizer
             ),
             mesh=mesh,
             total_steps=total_steps,
@@ -129,6 +130,17 @@ def train(
         loop.close_manager(manager)
     monitors_at = last_monitors[0] if last_monitors else None
     return Pretrained(out.state, model, mesh, out.preempted, monitors_at)
+
+
+def text_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Any:
+    """A text run's tokenizer (`WORKDIR/tokenizer.json`, trained on its first start), else None.
+
+    Training is deterministic and the file is written atomically, so every process may train
+    it; a resumed run loads it and never retrains.
+    """
+    if data.modality(config.dataset) != "text":
+        return None
+    return data.load_or_train_tokenizer(config, workdir)
 
 
 def export_run(config: ml_collections.ConfigDict, state: TrainState, workdir: str) -> str:
@@ -152,7 +164,11 @@ def export_run(config: ml_collections.ConfigDict, state: TrainState, workdir: st
     model = models.describe_encoder(config.model, variables["params"]["encoder"])
     # The method builds the head (SimSiam's last BN has no scale): record what was trained.
     model["head_out_scale"] = models.head_out_scale(config.model, variables["params"]["head"])
-    return checkpoint.export_encoder(checkpoint.export_dir(workdir), variables, model, source)
+    tokenizer = os.path.join(workdir, data.TOKENIZER_FILE)  # a text run's: its exports carry it
+    extra = {data.TOKENIZER_FILE: tokenizer} if os.path.exists(tokenizer) else None
+    return checkpoint.export_encoder(
+        checkpoint.export_dir(workdir), variables, model, source, extra_files=extra
+    )
 
 
 def restore_for_inference(

@@ -1,0 +1,173 @@
+"""Evaluation of a text encoder: unsupervised STS and a linear probe, random init vs pretrained.
+
+STS (SentEval's unsupervised protocol): the Spearman correlation between the cosine similarity of
+the two texts' pooled features and the human score, on `eval.sts_task` ('stsb': GLUE's STS-B
+validation pairs; 'lee': the Lee, Pincombe & Welsh 2005 document pairs that ship with gensim, the
+offline default). The probe (SentEval's): an L2-regularised logistic regression on the frozen,
+standardised features of `eval.probe_task`'s train split, accuracy on its test split ('sst2':
+GLUE's SST-2, train -> validation; 'polarity': Pang & Lee's sentence polarity sample in gensim).
+Features are computed on the run's mesh; the texts are few enough (a split of SST-2 at most) to
+hold on every host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from simclr_jax import models
+from simclr_jax.runtime import compiled, files, parallel
+
+log = logging.getLogger(__name__)
+
+
+def _extract_fn(model_config: Any, mesh: Mesh) -> Any:
+    """`(encoder variables, tokens [B, L]) -> features [B, D]`, jitted once per architecture."""
+    encoder = models.create_encoder(model_config)
+    return compiled.cached(
+        lambda: jax.jit(
+            lambda v, t: encoder.apply(v, t, train=False).astype(jnp.float32),
+            in_shardings=(parallel.replicated(mesh), parallel.data_sharded(mesh)),
+            out_shardings=parallel.replicated(mesh),
+        )
+    )
+
+
+def text_features(
+    model_config: Any, encoder_vars: Any, tokens: np.ndarray, mesh: Mesh, batch_size: int
+) -> np.ndarray:
+    """Pooled features float32 [N, D] of token rows [N, L] (every host passes the same rows)."""
+    n = mesh.devices.size
+    batch = max(n, batch_size // n * n)
+    extract = _extract_fn(model_config, mesh)
+    sharding = parallel.data_sharded(mesh)
+    variables = jax.device_put(encoder_vars, parallel.replicated(mesh))
+    out = []
+    for start in range(0, len(tokens), batch):
+        chunk = tokens[start : start + batch]
+        padded = np.zeros((batch, tokens.shape[1]), np.int32)
+        padded[: len(chunk)] = chunk
+        # Every host holds the whole chunk: each device takes its rows of it.
+        x = jax.make_array_from_callback(padded.shape, sharding, lambda idx, p=padded: p[idx])
+        out.append(np.asarray(jax.device_get(extract(variables, x)))[: len(chunk)])
+    if not out:
+        return np.zeros((0, models.encoder_feature_dim(model_config)), np.float32)
+    return np.concatenate(out)
+
+
+def sts_spearman(f1: np.ndarray, f2: np.ndarray, gold: np.ndarray) -> float:
+    """Spearman's rho between the pairs' cosine similarities and the gold scores."""
+    from scipy.stats import spearmanr
+
+    def unit(f: np.ndarray) -> np.ndarray:
+        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+    cosine = np.sum(unit(f1) * unit(f2), axis=1)
+    return float(spearmanr(cosine, gold).statistic)
+
+
+def probe_accuracy(
+    train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], seed: int
+) -> float:
+    """Test accuracy of a logistic regression on standardised frozen features (SentEval's)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    clf.fit(*train)
+    return float(clf.score(*test))
+
+
+def evaluate_text_encoder(
+    config: ml_collections.ConfigDict,
+    model_config: Any,
+    encoder_vars: Any,
+    mesh: Mesh,
+    inputs: dict[str, Any],
+) -> dict[str, float]:
+    """`{'sts', 'linear'}` of one encoder on the tokenised inputs of `text_inputs`."""
+    batch = config.eval.batch_size
+    feats = text_features(model_config, encoder_vars, inputs["tokens"], mesh, batch)
+    sts = sts_spearman(feats[inputs["sts1"]], feats[inputs["sts2"]], inputs["sts_gold"])
+    linear = probe_accuracy(
+        (feats[inputs["train"]], inputs["train_labels"]),
+        (feats[inputs["test"]], inputs["test_labels"]),
+        config.seed,
+    )
+    return {"sts": sts, "linear": linear}
+
+
+def text_inputs(config: ml_collections.ConfigDict, tok: Any) -> dict[str, Any]:
+    """The STS pairs and the probe's splits as rows of one token array of distinct texts.
+
+    `{'tokens' [T, L], 'sts1', 'sts2', 'train', 'test' (row indices), 'sts_gold',
+    'train_labels', 'test_labels'}`: a text in several pairs (the Lee documents are in 49 each)
+    is encoded once. Truncated at `model.max_len` and counted.
+    """
+    from simclr_jax.data import text_eval_data, tokenizer
+
+    max_len = int(config.model.max_len)
+    s1, s2, gold = text_eval_data.sts_pairs(config, config.eval.sts_task)
+    train_x, train_y = text_eval_data.probe_texts(config, config.eval.probe_task, "train")
+    test_x, test_y = text_eval_data.probe_texts(config, config.eval.probe_task, "test")
+    texts = list(dict.fromkeys([*s1, *s2, *train_x, *test_x]))
+    row = {t: i for i, t in enumerate(texts)}
+    tokens, _, truncated = tokenizer.encode(tok, texts, max_len)
+    if truncated:
+        log.info(
+            "evaluation: %d of %d texts longer than model.max_len=%d truncated",
+            truncated,
+            len(texts),
+            max_len,
+        )
+    out: dict[str, Any] = {"tokens": tokens, "sts_gold": gold}
+    out.update(train_labels=np.asarray(train_y), test_labels=np.asarray(test_y))
+    for name, part in (("sts1", s1), ("sts2", s2), ("train", train_x), ("test", test_x)):
+        out[name] = np.array([row[t] for t in part], np.int64)
+    return out
+
+
+def format_text_table(results: dict[str, dict[str, float]], tasks: tuple[str, str]) -> str:
+    """The random-init vs pretrained table printed at the end of a text run."""
+    sts_name, probe_name = f"STS {tasks[0]} (rho)", f"probe {tasks[1]}"
+    rows = ["", f"{'encoder':<14}{sts_name:>18}{probe_name:>20}", "-" * 52]
+    for name in ("random_init", "pretrained"):
+        if name in results.get("sts", {}):
+            rows.append(f"{name:<14}{results['sts'][name]:>18.4f}{results['linear'][name]:>20.4f}")
+    return "\n".join(rows)
+
+
+def evaluate_text_run(
+    config: ml_collections.ConfigDict,
+    variables_by_name: dict[str, Any],
+    mesh: Mesh,
+    workdir: str,
+    tok: Any,
+) -> dict[str, Any]:
+    """STS + linear probe of each `{name: encoder variables}`; writes `eval.json`.
+
+    `eval.json` is `{'sts': {'random_init', 'pretrained'}, 'linear': {...}, 'tasks': {...}}`.
+    """
+    inputs = text_inputs(config, tok)
+    results: dict[str, Any] = {}
+    for name, enc_vars in variables_by_name.items():
+        model_config = ml_collections.ConfigDict(
+            models.describe_encoder(config.model, enc_vars["params"])
+        )
+        got = evaluate_text_encoder(config, model_config, enc_vars, mesh, inputs)
+        for kind, value in got.items():
+            results.setdefault(kind, {})[name] = value
+    tasks = (config.eval.sts_task, config.eval.probe_task)
+    results["tasks"] = {"sts": tasks[0], "linear": tasks[1]}
+    if jax.process_index() == 0:
+        files.write_json_atomic(os.path.join(workdir, "eval.json"), results, indent=2)
+        print(format_text_table(results, tasks), flush=True)
+    return results
