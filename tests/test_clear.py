@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tolerances import fp32_rtol
+from tolerances import assert_trees_close, fp32_rtol
 
 from simclr_jax import augment_text as at
 from simclr_jax import config_base
@@ -202,13 +202,15 @@ def test_synonym_file_to_ids(tmp_path):
 BATCH, VOCAB = 8, 64
 
 
-def _config(lr=1e-3):
+def _config(lr=0.5):
     c = config_base.base_config()
     c.method, c.batch_size, c.total_steps, c.seed = "clear", BATCH, 20, 0
     m = c.model
     m.name, m.variant, m.vocab_size, m.max_len, m.pool = "text", "mu", VOCAB, L, "gap"
     m.head_hidden_dim, m.head_out_dim = 16, 8
-    c.optim.name, c.optim.base_lr, c.optim.lr_scaling = "adamw", lr, "none"
+    # SGD, not AdamW: Adam's first update is +-lr on the sign of a gradient that rounding noise
+    # decides where it is ~0, so 8 devices and 1 would differ by 2 lr there (see test_mocov3).
+    c.optim.name, c.optim.base_lr, c.optim.lr_scaling = "sgd", lr, "none"
     c.optim.weight_decay, c.optim.warmup_epochs = 0.0, 0.0
     c.clear.temperature = 0.5
     c.monitor_every_steps = 1000
@@ -246,9 +248,31 @@ def test_sharded_step_equals_one_device(eight):
     assert len(jax.devices()) == 8
     mesh1, state1, step1, _ = _state_and_step(config, jax.devices()[:1])
     batch = _batch()
+    before = jax.device_get(state1.params)
     new8, m8 = step8(state8, parallel.host_to_global(batch, mesh8))
     new1, m1 = step1(state1, parallel.host_to_global(batch, mesh1))
     m8, m1 = jax.device_get(m8), jax.device_get(m1)
+    # Every device's rows differ: the gradient must sum all of them (and the BN statistics).
+    p8, p1 = jax.device_get(new8.params), jax.device_get(new1.params)
+    # The attention key's bias has an exactly-zero gradient (a softmax ignores a shift common
+    # to a query's logits): its change is rounding noise, checked against the kernel's scale.
+    attn = ("encoder", "Transformer", "encoderblock_0", "MultiHeadDotProductAttention_0")
+    biases = []
+    for tree in (p8, p1, before):
+        node = tree
+        for k in attn:
+            node = node[k]
+        biases.append(node["key"].pop("bias"))
+    kernel_scale = np.max(np.abs(p1[attn[0]][attn[1]][attn[2]][attn[3]]["query"]["kernel"]))
+    for b in biases[:2]:
+        np.testing.assert_allclose(b, biases[2], atol=fp32_rtol(3 * BATCH * L, 16) * kernel_scale)
+    assert_trees_close(p8, p1, reduction_len=3 * BATCH * L, depth=16, before=before)
+    assert_trees_close(
+        jax.device_get(new8.batch_stats),
+        jax.device_get(new1.batch_stats),
+        reduction_len=2 * BATCH,
+        depth=8,
+    )
     assert np.isfinite(m8["loss"]) and m8["mlm_loss"] > 0
     # At init: MLM near chance, log(vocab); NT-Xent at most about chance, log(2B - 1) (two
     # views of one sentence already have close features under a random encoder).
@@ -286,3 +310,27 @@ def test_model_outputs_mlm_logits_for_the_masked_rows():
     assert out["projection"].shape == (4, 8) and out["mlm_logits"].shape == (2, L, VOCAB)
     assert "mlm_logits" not in jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
     assert clear.METHOD.modality == "text"
+
+
+def test_synonym_state_through_a_trained_tokenizer(tmp_path):
+    from simclr_jax.data import tokenizer
+
+    texts = ["the big dog saw a large cat", "a huge dog and a small cat", "little cats"] * 20
+    tok = tokenizer.train_tokenizer(texts, 64)
+    tok_path, syn_path = str(tmp_path / "tokenizer.json"), tmp_path / "syn.tsv"
+    tokenizer.save(tok, tok_path)
+    syn_path.write_text("big\tlarge\thuge\ncat\tdog\n", encoding="utf-8")
+    config = _config()
+    config.clear.synonyms, config.clear.augmentations = str(syn_path), ("subs",)
+    with pytest.raises(ConfigError, match="needs config.clear.tokenizer"):
+        clear.init_state(config, None, jax.random.key(0), 0)
+    config.clear.tokenizer = tok_path
+    clear.validate(config)
+    table = np.asarray(clear.init_state(config, None, jax.random.key(0), 0)["synonyms"])
+    ids = {w: tok.token_to_id(w) for w in ("big", "large", "huge", "cat", "dog")}
+    assert table.shape == (VOCAB, config.clear.max_synonyms)
+    for head, syns in (("big", ["large", "huge"]), ("cat", ["dog"])):
+        if ids[head] is not None:  # a word the tiny vocabulary holds as one token
+            row = [i for i in table[ids[head]] if i >= 0]
+            assert row == [ids[w] for w in syns if ids[w] is not None]
+    assert (table >= 0).sum() > 0
