@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")
 STREAMED_DATASETS = ("stl10", "imagenet2012", "image_folder")
 # Text (`data.text`): lines of text files, the Lee news sentences bundled with gensim, a tfds
-# text dataset, a local Hugging Face dataset.
-TEXT_DATASETS = ("text_file", "lee_news", "tfds_text", "hf_text")
+# text dataset, a local Hugging Face dataset, Pang & Lee's labelled polarity sentences (gensim).
+TEXT_DATASETS = ("text_file", "lee_news", "tfds_text", "hf_text", "polarity")
 DATASETS = IN_MEMORY_DATASETS + STREAMED_DATASETS + TEXT_DATASETS
 MODALITIES = ("image", "text")
 # tfds split read for pretraining and for each labelled evaluation split.

@@ -7,6 +7,8 @@ p rows [p*b, (p+1)*b), resumable in O(1) at any step); eval streams visit every 
 exactly once, host p examples p, p + P, ..., padded to the same number of batches on every host
 with 'mask' 0 on the padding rows. Label subsets are index lists on the train split's source
 (`subsets`): a class-balanced fraction, SimCLR's official ImageNet 1% / 10%, a file of names.
+A text dataset (`datasets.modality`) is served by `text_labelled` under the same contracts:
+{'tokens': int32 [b, model.max_len], 'label'[, 'mask']} instead of 'image'.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from simclr_jax.data.datasets import (  # noqa: F401  (OFFICIAL_SUBSETS re-expor
     dataset_name,
     digits_arrays,
     memory_arrays,
+    modality,
     tfds_builder,
     tfds_num_examples,
 )
@@ -39,6 +42,12 @@ from simclr_jax.data.subsets import (  # noqa: F401  (re-exported)
     split_metadata,
     subset_indices,
 )
+from simclr_jax.data.text_labelled import (
+    text_eval_batches,
+    text_size,
+    text_train_iterator,
+    text_train_labels,
+)
 
 if TYPE_CHECKING:
     import ml_collections
@@ -48,6 +57,17 @@ def _split_name(split: str) -> str:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
     return split
+
+
+def _is_text(config: ml_collections.ConfigDict, subset: str = "") -> bool:
+    """Whether config.dataset is text (which has no image subsets: refused in one line)."""
+    text = modality(dataset_name(config)) == "text"
+    if text and subset:
+        raise ValueError(
+            f"subset={subset!r} names images; config.dataset={config.dataset!r} is text "
+            "(use finetune.label_fraction)."
+        )
+    return text
 
 
 def _check_labelled(config: ml_collections.ConfigDict, split: str) -> None:
@@ -61,6 +81,8 @@ def _check_labelled(config: ml_collections.ConfigDict, split: str) -> None:
 def train_labels(config: ml_collections.ConfigDict) -> np.ndarray:
     """int32 labels of the labelled train split in its fixed order (images are not decoded)."""
     name = dataset_name(config)
+    if _is_text(config):
+        return text_train_labels(config)
     if name == "digits":
         return digits_arrays(config.data.image_size)["train"][1].copy()
     if name in IN_MEMORY_DATASETS:
@@ -87,6 +109,9 @@ def labelled_size(
 ) -> int:
     """Examples in a labelled split (train: after `keep` / `subset`; capped at `max_examples`)."""
     name = dataset_name(config)
+    if _is_text(config, subset):
+        n = text_size(config, _split_name(split), keep)
+        return min(n, max_examples) if max_examples else n
     _check_labelled(config, _split_name(split))
     if split == "train":
         keep = _train_keep(config, keep, subset)
@@ -145,12 +170,25 @@ def labelled_train_iterator(
     host sends the whole centre square at `data.host_size` (or `data.image_size`) for the
     device's random resized crop; without it, the eval centre crop at `data.image_size`.
     `with_index` (without `keep` or `subset`): batches also carry 'index' int32 [b], each
-    example's row in the train split (e.g. to look up a cache of per-image values).
+    example's row in the train split (e.g. to look up a cache of per-image values). A text
+    dataset yields {'tokens': int32 [b, model.max_len], 'label'} (`augment` does not apply).
     """
     dataset_name(config)
     if with_index and (keep is not None or subset):
         raise ValueError("with_index is for the whole train split (no keep, no subset)")
     process_index, _, b = _hosts(batch_size, process_index, process_count)
+    if _is_text(config, subset):
+        batches = text_train_iterator(
+            config,
+            batch_size,
+            keep=keep,
+            seed=seed,
+            first_row=process_index * b,
+            rows=b,
+            start_step=start_step,
+            with_index=with_index,
+        )
+        return Prefetcher(batches, config.data.prefetch) if config.data.prefetch > 0 else batches
     keep = _train_keep(config, keep, subset)
     _check_labelled(config, "train")
     if config.dataset in IN_MEMORY_DATASETS:
@@ -198,11 +236,15 @@ def eval_batches(
     the split; every host yields the same number of batches, padded with mask False (an
     undecodable image is masked out too, with a warning naming it). With several processes
     the consumer calls `runtime.loop.finish_eval_stream` after the pass: too many bad files
-    stop every process there with the same line.
+    stop every process there with the same line. A text dataset gives 'tokens' int32
+    [b, model.max_len] instead of 'image'.
     """
     _split_name(split)
     dataset_name(config)
     process_index, process_count, b = _hosts(batch_size, process_index, process_count)
+    if _is_text(config):
+        total = labelled_size(config, split, max_examples=max_examples)
+        return text_eval_batches(config, split, b, total, process_index, process_count)
     _check_labelled(config, split)
     total = labelled_size(config, split, max_examples=max_examples)
     per_host = -(-total // process_count)

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from simclr_jax.data.datasets import DatasetNotAvailableError, import_tfds
-from simclr_jax.data.text_sources import as_str, gensim_file, read_lines
+from simclr_jax.data.text_sources import (  # noqa: F401  (polarity, constants re-exported)
+    GENSIM_TEXT_ENCODING,
+    POLARITY_TEST_PER_CLASS,
+    as_str,
+    gensim_file,
+    polarity,
+    read_lines,
+)
 
 if TYPE_CHECKING:
     import ml_collections
@@ -27,10 +34,6 @@ PROBE_TASKS = ("sst2", "polarity")
 # Split read when none is given: the labelled held-out one.
 STS_SPLITS = {"stsb": ("validation", "train"), "lee": ("test",)}
 PROBE_SPLITS = {"sst2": ("train", "validation"), "polarity": ("train", "test", "all")}
-# gensim's lee.cor and pang_lee_polarity.cor are Windows-1252 ('£', '—', 'é'), not UTF-8.
-GENSIM_TEXT_ENCODING = "cp1252"
-POLARITY_TEST_PER_CLASS = 20  # of each class's 100 sentences: 160 train / 40 test
-_POLARITY_LABELS = {"__label__neg": 0, "__label__pos": 1}
 
 
 def _check(kind: str, task: str, tasks: tuple[str, ...], split: str, splits: tuple) -> None:
@@ -87,30 +90,6 @@ def probe_texts(
     records = tfds_records("glue/sst2", split, config.data.data_dir or None)
     texts = [as_str(r["sentence"]) for r in records]
     return texts, np.array([int(r["label"]) for r in records], np.int32)
-
-
-def polarity(split: str) -> tuple[list[str], np.ndarray]:
-    """Pang & Lee's 200 sentences: 'all' in file order, or a fixed stratified 160 / 40 split.
-
-    The last POLARITY_TEST_PER_CLASS of each class in a permutation seeded 0 are 'test'.
-    """
-    texts, labels = [], []
-    for line in read_lines(gensim_file("pang_lee_polarity.cor"), GENSIM_TEXT_ENCODING):
-        tag, _, text = line.partition(" ")
-        if tag not in _POLARITY_LABELS:
-            raise DatasetNotAvailableError(f"pang_lee_polarity.cor: unexpected line {line!r}.")
-        texts.append(text.strip())
-        labels.append(_POLARITY_LABELS[tag])
-    labels = np.array(labels, np.int32)
-    if split == "all":
-        return texts, labels
-    rng = np.random.default_rng(0)
-    test = np.zeros(len(labels), bool)
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        test[members[-POLARITY_TEST_PER_CLASS:]] = True
-    keep = np.flatnonzero(test if split == "test" else ~test)
-    return [texts[i] for i in keep], labels[keep]
 
 
 def tfds_records(name: str, split: str, data_dir: str | None) -> list[dict[str, Any]]:

@@ -31,6 +31,12 @@ TEXT_INSTALL = "pip install -r requirements-text.txt"
 # polarity sample, read as files; gensim itself is never imported (slow, and not needed).
 GENSIM_DATA = "test/test_data"
 LEE_BACKGROUND = "lee_background.cor"  # 300 news articles, one a line: pretraining text
+# gensim's lee.cor and pang_lee_polarity.cor are Windows-1252 ('£', '—', 'é'), not UTF-8.
+GENSIM_TEXT_ENCODING = "cp1252"
+POLARITY_TEST_PER_CLASS = 20  # of each class's 100 sentences: 160 train / 40 test
+_POLARITY_LABELS = {"__label__neg": 0, "__label__pos": 1}
+# The 'polarity' dataset's splits ('validation': the held-out 40, as GLUE names its eval split).
+POLARITY_SPLITS = {"train": "train", "validation": "test", "test": "test", "all": "all"}
 # A sentence ends at '.', '!' or '?' (or one followed by a closing quote) before whitespace
 # and a capital letter (or a quote and a capital): "Mr. Smith" splits wrongly, rarely enough.
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"']))\s+(?=[\"']?[A-Z])")
@@ -45,6 +51,7 @@ class TextSource(Protocol):
     """A split as a random-access sequence of texts with int32 labels (-1: unlabelled)."""
 
     num_classes: int  # 1 when unlabelled (the online linear head needs one output)
+    labelled: bool  # whether the split has class labels (else every label is -1)
 
     def __len__(self) -> int: ...
 
@@ -61,6 +68,11 @@ class ListSource:
     labels: np.ndarray | None = None
     num_classes: int = 1
 
+    @property
+    def labelled(self) -> bool:
+        """Whether the texts have class labels."""
+        return self.labels is not None
+
     def __len__(self) -> int:
         return len(self.texts)
 
@@ -76,6 +88,7 @@ class LineFileSource:
     """The non-blank lines of text files, one example each, in file then line order."""
 
     num_classes = 1
+    labelled = False
 
     def __init__(self, files: list[str]):
         self.files = files
@@ -198,6 +211,30 @@ def lee_news_sentences() -> tuple[str, ...]:
     return tuple(s for article in articles for s in split_sentences(article))
 
 
+def polarity(split: str) -> tuple[list[str], np.ndarray]:
+    """Pang & Lee's 200 sentences: 'all' in file order, or a fixed stratified 160 / 40 split.
+
+    The last POLARITY_TEST_PER_CLASS of each class in a permutation seeded 0 are 'test'.
+    """
+    texts, labels = [], []
+    for line in read_lines(gensim_file("pang_lee_polarity.cor"), GENSIM_TEXT_ENCODING):
+        tag, _, text = line.partition(" ")
+        if tag not in _POLARITY_LABELS:
+            raise DatasetNotAvailableError(f"pang_lee_polarity.cor: unexpected line {line!r}.")
+        texts.append(text.strip())
+        labels.append(_POLARITY_LABELS[tag])
+    labels = np.array(labels, np.int32)
+    if split == "all":
+        return texts, labels
+    rng = np.random.default_rng(0)
+    test = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        test[members[-POLARITY_TEST_PER_CLASS:]] = True
+    keep = np.flatnonzero(test if split == "test" else ~test)
+    return [texts[i] for i in keep], labels[keep]
+
+
 class TfdsTextSource:
     """A tfds text split read by random access (`tfds.data_source`, ArrayRecord)."""
 
@@ -226,7 +263,7 @@ class TfdsTextSource:
             ) from None
         # Labels are class ids only (a ClassLabel); stsb's float scores are no classes.
         classes = getattr(features["label"], "num_classes", None) if "label" in features else None
-        self._labelled = bool(classes)
+        self.labelled = bool(classes)
         self.num_classes = int(classes or 1)
 
     def __len__(self) -> int:
@@ -236,7 +273,7 @@ class TfdsTextSource:
         """The texts and labels (-1 where the dataset has none)."""
         records = [self._source[i] for i in indices.tolist()]
         texts = [as_str(r[self.field]) for r in records]
-        if not self._labelled:
+        if not self.labelled:
             return texts, np.full(len(texts), -1, np.int32)
         return texts, np.array([int(r["label"]) for r in records], np.int32)
 
@@ -261,11 +298,11 @@ class HfTextSource:
             )
         self._ds, self.field = ds, field
         self._labels: np.ndarray | None = None
-        self.num_classes = 1
+        self.num_classes, self.labelled = 1, False
         if "label" in ds.column_names:
             labels = np.asarray(ds["label"])
             if np.issubdtype(labels.dtype, np.integer):
-                self._labels = labels.astype(np.int32)
+                self._labels, self.labelled = labels.astype(np.int32), True
                 feature = ds.features["label"]
                 self.num_classes = int(getattr(feature, "num_classes", 0) or labels.max() + 1)
 
@@ -308,17 +345,28 @@ def load_hf(path: str | None, split: str) -> Any:
     return datasets.load_dataset(builder, data_files=path, split="train")
 
 
-def open_text_source(config: ml_collections.ConfigDict) -> TextSource:
-    """The pretraining split of config.dataset (a text dataset) as a random-access source."""
+def open_text_source(config: ml_collections.ConfigDict, split: str | None = None) -> TextSource:
+    """A split of config.dataset (a text dataset) as a random-access source.
+
+    `split`: the dataset's own split name; None: the pretraining split, `data.text_split`.
+    """
     name, d = config.dataset, config.data
+    split = d.text_split if split is None else split
     if name == "text_file":
         return LineFileSource(text_files(d.text_files))
     if name == "lee_news":
         return ListSource(list(lee_news_sentences()))
+    if name == "polarity":
+        if split not in POLARITY_SPLITS:
+            raise ValueError(
+                f"polarity has no split {split!r}; allowed: {', '.join(POLARITY_SPLITS)}."
+            )
+        texts, labels = polarity(POLARITY_SPLITS[split])
+        return ListSource(texts, labels, len(_POLARITY_LABELS))
     if name == "tfds_text":
         if not d.tfds_name:
             raise DatasetNotAvailableError("tfds_text: set config.data.tfds_name (e.g. glue/sst2).")
-        return TfdsTextSource(d.tfds_name, d.text_split, d.text_field, d.data_dir or None)
+        return TfdsTextSource(d.tfds_name, split, d.text_field, d.data_dir or None)
     if name == "hf_text":
-        return HfTextSource(d.hf_path, d.text_split, d.text_field)
+        return HfTextSource(d.hf_path, split, d.text_field)
     raise ValueError(f"config.dataset={name!r} is not a text dataset.")

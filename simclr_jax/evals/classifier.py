@@ -5,6 +5,8 @@ network or from projection-head layer k, global BN) train the same `Classifier` 
 trainable set; `classifier_run.run_classifier` runs them in the run loop. Here: loading the
 encoder (an export or a pretraining state) with its shapes checked, the jitted train step (device
 crop + flip), the streamed top-1 / top-5 evaluation over the whole eval split, the result file.
+A text encoder takes the batches' 'tokens' as they come (no augmentation; `text_config` points
+the labelled text streams at its tokenizer and length).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import optax
 from jax.sharding import Mesh
 
 from simclr_jax import augment, checkpoint, models, optim
-from simclr_jax.data import labelled
+from simclr_jax.data import labelled, tokenizer
+from simclr_jax.data.datasets import modality
 from simclr_jax.runtime import compiled, cpu_conv, files, keys, loop, parallel
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,7 @@ class Classifier(nn.Module):
     `freeze` stops gradients at the features (linear evaluation).
     """
 
-    encoder: models.ResNet | models.ViT
+    encoder: models.ResNet | models.ViT | models.TextTransformer
     head: models.ProjectionHead | None
     num_classes: int
     freeze: bool = False
@@ -151,9 +154,8 @@ def initial_variables(model: Classifier, source: Source, image_size: int) -> dic
 
     Raises `CheckpointError` naming the first leaf whose shape differs from the architecture.
     """
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), False)
-    )
+    dummy = models.dummy_input(source.model_config, image_size)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, False))
     out: dict[str, Any] = {"params": {}, "batch_stats": {}}
     for col in ("params", "batch_stats"):
         for part, want in shapes.get(col, {}).items():
@@ -185,6 +187,52 @@ def initial_variables(model: Classifier, source: Source, image_size: int) -> dic
     return out
 
 
+def model_input(batch: dict[str, jax.Array]) -> jax.Array:
+    """An eval batch's encoder input: int32 'tokens' as they are, else 'image' as [0, 1] floats."""
+    if "tokens" in batch:
+        return batch["tokens"]
+    return batch["image"].astype(jnp.float32) / 255.0
+
+
+def text_config(
+    config: ml_collections.ConfigDict, source: Source, job: str
+) -> ml_collections.ConfigDict:
+    """`config` for the labelled streams of a text encoder: its tokenizer and lengths; as is for
+    images.
+
+    `data.tokenizer` '' becomes the tokenizer.json beside the source (an export, or the workdir
+    whose checkpoint is evaluated); `model.max_len` / `vocab_size` become the encoder's, so texts
+    are truncated where it was trained. A missing tokenizer file is a one-line error naming it.
+    """
+    if models.encoder_name(source.model_config) != "text":
+        if modality(config.dataset) == "text":
+            raise ValueError(
+                f"config.dataset={config.dataset!r} is text but {source.path} holds an image "
+                f"encoder ({models.encoder_name(source.model_config)!r})."
+            )
+        return config
+    if modality(config.dataset) != "text":
+        raise ValueError(
+            f"{source.path} holds a text encoder but config.dataset={config.dataset!r} is not "
+            "a text dataset."
+        )
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        if not config.data.tokenizer:
+            config.data.tokenizer = os.path.join(source.path, tokenizer.TOKENIZER_FILE)
+        config.model.max_len = int(source.model_config.max_len)
+        config.model.vocab_size = int(source.model_config.vocab_size)
+    if not os.path.isfile(config.data.tokenizer):
+        raise ValueError(
+            f"tokenizer file {config.data.tokenizer} does not exist: the text encoder's "
+            f"tokenizer.json (or set config.data.tokenizer=PATH)."
+        )
+    section = config.get(job)
+    if section is not None and section.get("augment"):
+        log.info("%s: %s.augment is ignored for text (no augmentation of tokens)", job, job)
+    return config
+
+
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     """bool [B]: whether each label is among the k largest logits (k capped at the classes)."""
     k = min(k, logits.shape[-1])
@@ -212,9 +260,13 @@ def classifier_train_step(
     aug_cfg: Any,
     seed: int,
 ) -> tuple[ClassifierState, dict[str, jax.Array]]:
-    """One supervised update on a crop + flip view; BN statistics are global (the whole batch)."""
-    key = jax.random.fold_in(keys.derive(seed, keys.CLASSIFIER_STEPS), state.step)
-    x = augment.views(key, batch["image"], aug_cfg, num_views=1)[0]
+    """One supervised update on a crop + flip view (text: the tokens as they are); BN statistics
+    are global (the whole batch)."""
+    if "tokens" in batch:
+        x = batch["tokens"]
+    else:
+        key = jax.random.fold_in(keys.derive(seed, keys.CLASSIFIER_STEPS), state.step)
+        x = augment.views(key, batch["image"], aug_cfg, num_views=1)[0]
 
     def loss_fn(params):
         variables = {
@@ -243,7 +295,7 @@ def classifier_train_step(
 
 def _eval_counts(variables: Any, batch: dict[str, jax.Array], *, model: Classifier) -> jax.Array:
     """[3] int32: top-1 hits, top-5 hits and valid rows of a padded eval batch."""
-    x = batch["image"].astype(jnp.float32) / 255.0
+    x = model_input(batch)
     logits = model.apply(variables, x, train=False)
     mask = batch["mask"]
     return jnp.stack(

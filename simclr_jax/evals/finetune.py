@@ -6,7 +6,8 @@ split: all labels, a class-balanced seeded `label_fraction`, or a `subset` (Imag
 1% / 10%: tfds `imagenet2012_subset/1pct|10pct`; or a file of image names for an image folder,
 as google-research/simclr `imagenet_subsets/*.txt`). Checkpoints in `WORKDIR/checkpoints/`;
 top-1 / top-5 on the whole eval split every `eval_every_epochs` and at the end, in
-`WORKDIR/finetune.json`.
+`WORKDIR/finetune.json`. A text encoder trains on a labelled text dataset's token ids (its own
+tokenizer, no augmentation).
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ def finetune(
     parallel.maybe_initialize_distributed(config)
     mesh = parallel.make_mesh()
     source = classifier.load_source(config, "finetune")
-    info = data.dataset_info(config)
     classifier.report_overrides(config, source)
+    config = classifier.text_config(config, source, "finetune")
+    info = data.dataset_info(config)
     f = config.finetune
     if f.from_head_layer > 0 and not source.variables["params"].get("head"):
         raise config_base.ConfigError(

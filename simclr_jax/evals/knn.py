@@ -28,6 +28,13 @@ def _normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def _as_input(x: jax.Array) -> jax.Array:
+    """The encoder's input: int token ids as they are, uint8 images as float in [0, 1]."""
+    if jnp.issubdtype(x.dtype, jnp.integer) and x.ndim == 2:
+        return x
+    return x.astype(jnp.float32) / 255.0
+
+
 def bank_sharding(mesh: Mesh) -> NamedSharding:
     """`[num_batches, B, ...]` with B split over 'data': each device holds its rows."""
     return NamedSharding(mesh, P(None, parallel.DATA_AXIS))
@@ -44,7 +51,8 @@ def feature_bank(
 ) -> tuple[jax.Array, jax.Array]:
     """(features `[nb, B, D]`, labels `[nb, B]`, -1 on padding), both sharded on B.
 
-    `apply_fn(variables, float images) -> features`; one streamed pass over the split.
+    `apply_fn(variables, float images or int32 tokens) -> features`; one streamed pass over
+    the split (a text dataset's batches hold 'tokens', given as they are).
     """
     n = mesh.devices.size
     batch = max(n, (batch_size or config.eval.batch_size) // n * n)
@@ -56,7 +64,7 @@ def feature_bank(
     )
     extract = compiled.cached(
         lambda: jax.jit(
-            lambda v, x: apply_fn(v, x.astype(jnp.float32) / 255.0).astype(jnp.float32),
+            lambda v, x: apply_fn(v, _as_input(x)).astype(jnp.float32),
             in_shardings=(rep, sharded),
             out_shardings=sharded,
         ),
@@ -72,7 +80,7 @@ def feature_bank(
     bank = labels = None
     for i in range(nb):
         b = parallel.host_to_global(next(batches), mesh)
-        feats = extract(variables, b["image"])
+        feats = extract(variables, b["tokens"] if "tokens" in b else b["image"])
         y = jnp.where(b["mask"], b["label"], -1)
         if bank is None:
             shape = (nb, batch, feats.shape[-1])

@@ -4,6 +4,7 @@ A zero-initialised linear classifier on the frozen encoder's pooled features (BN
 mode, stop-gradient), trained on the streamed train split with the device's random resized crop
 + flip, momentum SGD (Nesterov) or LARS, then top-1 / top-5 on the whole eval split (centre crop)
 and the weighted kNN. Keys: `config.linear_eval.*`; results: `WORKDIR/linear_eval.json`.
+A text encoder reads a labelled text dataset's token ids with its own tokenizer (no crop).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def linear_eval(
     config_base.validate_config(config)
     parallel.maybe_initialize_distributed(config)
     mesh = parallel.make_mesh()
-    info = data.dataset_info(config)
     classifier.report_overrides(config, source)
+    config = classifier.text_config(config, source, "linear_eval")
+    info = data.dataset_info(config)
     model = classifier.build_classifier(source.model_config, 0, info.num_classes, freeze=True)
     variables = classifier.initial_variables(model, source, config.augment.image_size)
     section = config.linear_eval
