@@ -20,6 +20,8 @@ reachable here to check them (docs/methods.md, CLEAR).
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -225,3 +227,26 @@ def mlm_mask(
     replaced = jnp.where(u < 0.8, MASK, jnp.where(u < 0.9, random_ids, tokens))
     inputs = jnp.where(chosen, replaced, tokens).astype(tokens.dtype)
     return inputs, tokens, chosen.astype(jnp.float32)
+
+
+def mlm_positions(
+    targets: jax.Array, weights: jax.Array, num: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The first `num` chosen positions of each row: `(positions, targets, weights)`, `[B, num]`.
+
+    BERT's `max_predictions_per_seq`: the MLM head runs on these positions only, not on every
+    token of the batch (its vocabulary-wide output is the step's largest matmul). Rows with
+    fewer chosen tokens are padded with weight 0; `num` at twice the expected count drops a
+    chosen token almost never.
+    """
+    length = weights.shape[-1]
+    # Chosen positions first, in order: a stable sort of their keys (position, or L + position).
+    order = jnp.argsort(jnp.where(weights > 0, 0, length) + jnp.arange(length), axis=-1)
+    positions = order[:, :num].astype(jnp.int32)
+    take = functools.partial(jnp.take_along_axis, indices=positions, axis=-1)
+    return positions, take(targets), take(weights)
+
+
+def mlm_num_positions(max_len: int, rate: float) -> int:
+    """Predicted positions per row: twice the expected count at `rate` (at least 1, at most L)."""
+    return int(min(max_len, max(1, math.ceil(2 * rate * max_len))))

@@ -55,7 +55,34 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     schema.check_moved(c)  # an old key first: its one line says where the key went
     method = methods.get(c.method)  # an unknown name is refused, listing the registered ones
     schema.validate_shared(c)
+    check_modality(c, method.modality)
     method.validate(c)  # the method's own keys, once the shared ones are known to be sane
+
+
+def check_modality(c: ml_collections.ConfigDict, method_modality: str) -> None:
+    """Refuses an image method or encoder on a text dataset, or the reverse, naming both."""
+    from simclr_jax.data import datasets
+
+    data_modality = datasets.modality(c.dataset)
+    if method_modality != data_modality:
+        others = [n for n in methods.names() if methods.get(n).modality == data_modality]
+        raise ConfigError(
+            f"config.method={c.method!r} is {_a(method_modality)} method and "
+            f"config.dataset={c.dataset!r} is {_a(data_modality)} dataset: use one of {others} "
+            f"on {data_modality}"
+        )
+    text_encoder = c.model.name == "text"
+    if text_encoder != (data_modality == "text"):
+        allowed = "'text'" if data_modality == "text" else "'resnet' or 'vit'"
+        raise ConfigError(
+            f"config.model.name={c.model.name!r} does not fit config.dataset={c.dataset!r}, "
+            f"{_a(data_modality)} dataset: use model.name={allowed}"
+        )
+
+
+def _a(word: str) -> str:
+    """'an image', 'a text'."""
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
 def config_diff(saved: dict[str, Any], new: dict[str, Any], job: str = "pretrain") -> list[str]:

@@ -334,3 +334,14 @@ def test_synonym_state_through_a_trained_tokenizer(tmp_path):
             row = [i for i in table[ids[head]] if i >= 0]
             assert row == [ids[w] for w in syns if ids[w] is not None]
     assert (table >= 0).sum() > 0
+
+
+def test_mlm_positions_are_the_chosen_ones_in_order_padded_with_weight_zero():
+    targets = jnp.array([[2, 10, 11, 12, 3, 0], [2, 20, 21, 3, 0, 0]], jnp.int32)
+    weights = jnp.array([[0, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]], jnp.float32)
+    pos, tgt, w = at.mlm_positions(targets, weights, 3)
+    assert pos[0, :2].tolist() == [1, 3] and w[0].tolist() == [1.0, 1.0, 0.0]
+    assert tgt[0, :2].tolist() == [10, 12]
+    assert w[1].tolist() == [0.0, 0.0, 0.0]
+    assert at.mlm_num_positions(64, 0.15) == 20
+    assert at.mlm_num_positions(4, 0.9) == 4

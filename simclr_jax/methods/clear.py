@@ -41,7 +41,8 @@ class ClearModel(nn.Module):
 
     `mlm_every=k > 0`: the rows come in groups of k, k - 1 views and a masked sentence last (each
     example's rows together, so none moves between devices); the views go through the heads,
-    the masked rows through the MLM head (`'mlm_logits'`, `[B, L, vocab]`). The encoder runs
+    the masked rows through the MLM head (`'mlm_logits'`, `[B, L, vocab]`, or `[B, P, vocab]` at
+    `mlm_positions` [B, P], BERT's max_predictions_per_seq). The encoder runs
     once on all rows (no batch statistics in it); the projection head's BN sees views only.
     """
 
@@ -51,13 +52,21 @@ class ClearModel(nn.Module):
     num_classes: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = True, mlm_every: int = 0) -> dict[str, Any]:
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool = True,
+        mlm_every: int = 0,
+        mlm_positions: jax.Array | None = None,
+    ) -> dict[str, Any]:
         pooled, local = self.encoder(x, train=train, with_local=True)
         mlm_local = local if self.is_initializing() else None  # init creates every param
         if mlm_every:
             b = x.shape[0] // mlm_every
             pooled = pooled.reshape((b, mlm_every, -1))[:, :-1].reshape((-1, pooled.shape[-1]))
             mlm_local = local.reshape((b, mlm_every) + local.shape[1:])[:, -1]
+            if mlm_positions is not None:  # [B, P]: the predicted positions only
+                mlm_local = jnp.take_along_axis(mlm_local, mlm_positions[..., None], axis=1)
         head_outputs = self.head(pooled, train=train)
         out = {
             "features": pooled,
@@ -126,12 +135,16 @@ def train_step(
     masked, targets, weights = augment_text.mlm_mask(
         jax.random.fold_in(key, 1), tokens, int(config.model.vocab_size), cc.mlm_rate
     )
+    num = augment_text.mlm_num_positions(tokens.shape[1], cc.mlm_rate)
+    positions, targets, weights = augment_text.mlm_positions(targets, weights, num)
     # Rows (view 1, view 2, masked) of example i together: [3B, L].
     x = jnp.stack([views[0], views[1], masked], axis=1).reshape((3 * b, -1))
     nt_xent = sharded_nt_xent(mesh, cc.temperature)
 
     def loss_fn(params):
-        out, new_stats = base.train_apply(model, params, state.batch_stats, x, mlm_every=3)
+        out, new_stats = base.train_apply(
+            model, params, state.batch_stats, x, mlm_every=3, mlm_positions=positions
+        )
         z = out["projection"].reshape(b, 2, -1)
         contrastive, metrics = nt_xent(z[:, 0], z[:, 1])
         mlm = mlm_metrics(out["mlm_logits"], targets, weights)

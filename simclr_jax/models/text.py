@@ -5,7 +5,9 @@ Tokens `[CLS] t1..tk [SEP] [PAD]...` (int32 `[N, L]`, `L <= max_len`) -> a token
 `[1, max_len, width]`), then the ViT's pre-norm blocks and final LayerNorm (`vit.Encoder`, same
 parameter names) with an attention mask: pads, and anything after the first [SEP], are never
 attended, so they change no other token's output and no pooled feature. Sizes are the ViT's
-(`vit.VIT_SIZES`: 'mu', 'Ti', 'S', 'B', ...; a text encoder has no patch).
+(`vit.VIT_SIZES`: 'mu', 'Ti', 'S', 'B', ...; a text encoder has no patch) plus BERT's compact
+sizes (`BERT_SIZES`, Turc et al. 2019): 'bert-tiny' / 'bert-mini' / 'bert-small' /
+'bert-medium', the sizes a CPU trains in minutes.
 
 CLEAR pretrains a BERT-style Transformer (its encoder is RoBERTa/BERT-base sized); the sizes here
 are ours to choose. No dropout (as the ViT here): `train` is accepted for the encoder signature.
@@ -28,6 +30,15 @@ SEP_ID = 3
 NUM_SPECIAL = 6  # ids 0..5 are PAD, UNK, CLS, SEP, MASK, DEL (data.tokenizer's order)
 DEFAULT_VOCAB_SIZE = 8192
 DEFAULT_MAX_LEN = 64  # tokens per example, [CLS] and [SEP] included
+# BERT's compact models (Turc et al. 2019, "Well-Read Students Learn Better", the released
+# BERT-Tiny/Mini/Small/Medium): (width, depth, mlp_dim = 4 x width, heads = width / 64).
+BERT_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "bert-tiny": (128, 2, 512, 2),
+    "bert-mini": (256, 4, 1024, 4),
+    "bert-small": (512, 4, 2048, 8),
+    "bert-medium": (512, 8, 2048, 8),
+}
+TEXT_SIZES = {**VIT_SIZES, **BERT_SIZES}
 
 
 def token_mask(tokens: jax.Array) -> jax.Array:
@@ -104,12 +115,12 @@ class MlmHead(nn.Module):
 
 def text_size(variant: str) -> tuple[int, int, int, int]:
     """`'S'` -> (width, depth, mlp_dim, heads); ValueError naming the allowed sizes."""
-    if variant not in VIT_SIZES:
+    if variant not in TEXT_SIZES:
         raise ValueError(
-            f"model.variant={variant!r} is not a text encoder size: one of {list(VIT_SIZES)} "
+            f"model.variant={variant!r} is not a text encoder size: one of {list(TEXT_SIZES)} "
             "(no patch)"
         )
-    return VIT_SIZES[variant]
+    return TEXT_SIZES[variant]
 
 
 def check_text_config(m: Any) -> None:
