@@ -130,6 +130,8 @@ def test_polarity_eval_batches_visit_each_example_once_per_host(export):
         np.testing.assert_array_equal(tokens[:20], _encode(export, texts[p::2]))
         np.testing.assert_array_equal(tokens[20:, :2], [[T.CLS_ID, T.SEP_ID]] * 4)
         np.testing.assert_array_equal(np.concatenate([b["label"] for b in got])[:20], labels[p::2])
+    batches, n = labelled.eval_batches(c, "test", 16, max_examples=10, process_count=1)
+    assert n == 1 and next(batches)["mask"].sum() == 10  # data.eval_max_examples' cap
 
 
 def test_sst2_eval_batches_and_unlabelled_text_refused(export):
