@@ -322,9 +322,9 @@ def test_synonym_state_through_a_trained_tokenizer(tmp_path):
     syn_path.write_text("big\tlarge\thuge\ncat\tdog\n", encoding="utf-8")
     config = _config()
     config.clear.synonyms, config.clear.augmentations = str(syn_path), ("subs",)
-    with pytest.raises(ConfigError, match="needs config.clear.tokenizer"):
+    with pytest.raises(ConfigError, match="needs config.data.tokenizer"):
         clear.init_state(config, None, jax.random.key(0), 0)
-    config.clear.tokenizer = tok_path
+    config.data.tokenizer = tok_path
     clear.validate(config)
     table = np.asarray(clear.init_state(config, None, jax.random.key(0), 0)["synonyms"])
     ids = {w: tok.token_to_id(w) for w in ("big", "large", "huge", "cat", "dog")}

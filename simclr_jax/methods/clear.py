@@ -174,7 +174,6 @@ def config_defaults() -> ml_collections.ConfigDict:
     c.mlm_rate = 0.15  # BERT's: the fraction of ordinary tokens the MLM predicts
     c.synonyms = ""  # a 'word<TAB>syn1<TAB>syn2...' file ('' = none: 'subs' is refused)
     c.max_synonyms = 8  # synonyms kept per token id (columns of the table)
-    c.tokenizer = ""  # tokenizer.json mapping the synonym words to ids (the run's, when set)
     return c
 
 
@@ -234,14 +233,15 @@ def init_state(config: Any, variables: Any, key: jax.Array, num_train_examples: 
     cc = config.clear
     if not cc.synonyms:
         return None
-    if not cc.tokenizer:
+    path = config.data.tokenizer  # the pretraining job resolves '' to WORKDIR/tokenizer.json
+    if not path:
         raise ConfigError(
-            f"config.clear.synonyms={cc.synonyms!r} needs config.clear.tokenizer, the "
+            f"config.clear.synonyms={cc.synonyms!r} needs config.data.tokenizer, the "
             "tokenizer.json that maps its words to ids (a run's WORKDIR/tokenizer.json)"
         )
     from simclr_jax.data import tokenizer  # only runs with synonyms read a tokenizer
 
-    tok = tokenizer.load(cc.tokenizer)
+    tok = tokenizer.load(path)
     pairs = synonym_ids(cc.synonyms, tok.token_to_id, bool(config.data.get("lowercase", True)))
     return {"synonyms": jnp.asarray(synonym_table(pairs, config))}
 

@@ -66,6 +66,8 @@ def train(
     _log_resolved(config, total_steps, n_train)
     model, tx, schedule = model_and_optimizer(config, info.num_classes, steps_per_epoch)
     config_base.check_resume(config, workdir, JOB, allow_config_change)
+    recorded = config  # config.json: what the user wrote (a resolved data.tokenizer is not)
+    config, tokenizer = text_tokenizer(config, workdir)
     manager = checkpoint.create_manager(
         workdir, keep=config.keep_checkpoints, keep_period=config.keep_period
     )
@@ -80,8 +82,7 @@ def train(
             log.info("resumed from step %d (data position %d)", start, meta["data_step"])
         # Every process has read the saved config.json before process 0 replaces it.
         parallel.barrier("simclr_config_checked")
-        config_base.record_run(config, workdir, JOB)
-        tokenizer = text_tokenizer(config, workdir)
+        config_base.record_run(recorded, workdir, JOB)
         log.info(
             "pretraining %s with %s on %s: %d steps (%d per epoch), global batch %d on %d devices",
             models.encoder_label(config.model),
@@ -132,15 +133,29 @@ def train(
     return Pretrained(out.state, model, mesh, out.preempted, monitors_at)
 
 
-def text_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Any:
-    """A text run's tokenizer (`WORKDIR/tokenizer.json`, trained on its first start), else None.
+def text_tokenizer(
+    config: ml_collections.ConfigDict, workdir: str
+) -> tuple[ml_collections.ConfigDict, Any]:
+    """A text run's config with `data.tokenizer` resolved, and its tokenizer; else (config, None).
 
-    Training is deterministic and the file is written atomically, so every process may train
-    it; a resumed run loads it and never retrains.
+    The run's tokenizer is `WORKDIR/tokenizer.json`: on the first start a copy of
+    `data.tokenizer` when that names one, else trained on the training split; a resumed run
+    loads it and never retrains. Training is deterministic and every write atomic, so every
+    process may do it. The returned config names that file in `data.tokenizer` (what a method
+    reading token ids, e.g. CLEAR's synonym table, opens).
     """
     if data.modality(config.dataset) != "text":
-        return None
-    return data.load_or_train_tokenizer(config, workdir)
+        return config, None
+    path = os.path.join(workdir, data.TOKENIZER_FILE)
+    if config.data.tokenizer and not os.path.exists(path):
+        given = data.load_tokenizer_file(config.data.tokenizer)  # checked before it is copied
+        os.makedirs(workdir, exist_ok=True)
+        data.save_tokenizer(given, path)
+    tok = data.load_or_train_tokenizer(config, workdir)
+    resolved = config.copy_and_resolve_references()
+    with resolved.unlocked():
+        resolved.data.tokenizer = path
+    return resolved, tok
 
 
 def export_run(config: ml_collections.ConfigDict, state: TrainState, workdir: str) -> str:
