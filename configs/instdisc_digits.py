@@ -8,7 +8,7 @@ the devices); 1024 of them are the negatives of each step (the paper's 4096 exce
 dataset). The loss is InfoNCE at t = 0.2 against the bank, not the paper's NCE at t = 0.07:
 with NCE, seed 0 ended at linear 0.953 / 0.958 and kNN 0.869 / 0.856 on two CPUs (random
 init: 0.956, 0.831), under the 1-point linear bar; InfoNCE at t = 0.2 beats random init on
-seeds 0-4 by +2.0 to +3.9 points of linear and +12.2 to +15.9 of kNN (docs/methods.md). The
+seeds 0-4 by +1.9 to +3.9 points of linear and +12.2 to +15.8 of kNN (docs/methods.md). The
 optimizer is the digits default's AdamW (the paper's SGD 0.03 moves too little in 400 steps,
 LARS did not learn with the NCE loss).
 """
