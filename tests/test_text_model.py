@@ -119,3 +119,16 @@ def test_init_variables_builds_a_text_model_from_its_dummy():
     enc = models.create_encoder(m)
     v = models.init_variables(enc, jax.random.key(0), 224, m)
     assert v["batch_stats"] == {} and v["params"]["pos_embedding"].shape == (1, MAX_LEN, 16)
+
+
+def test_the_pure_layers_special_ids_equal_the_tokenizers():
+    from simclr_jax import augment_text
+    from simclr_jax.data import tokenizer
+    from simclr_jax.models import text
+
+    ids = [tokenizer.PAD_ID, tokenizer.UNK_ID, tokenizer.CLS_ID, tokenizer.SEP_ID]
+    ids += [tokenizer.MASK_ID, tokenizer.DEL_ID]
+    at = augment_text
+    assert ids == [at.PAD, at.UNK, at.CLS, at.SEP, at.MASK, at.DEL] == list(range(6))
+    assert (text.PAD_ID, text.SEP_ID) == (tokenizer.PAD_ID, tokenizer.SEP_ID)
+    assert text.NUM_SPECIAL == at.NUM_SPECIAL == len(tokenizer.SPECIAL_TOKENS)
