@@ -15,7 +15,6 @@ through the run's tokenizer) lives in the method state, so the step stays pure.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,7 +26,6 @@ import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from simclr_jax import augment_text, losses, models
 from simclr_jax.config.checks import ConfigError, check
@@ -90,18 +88,6 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, conv: Any =
     )
 
 
-def sharded_nt_xent(mesh: Mesh, temperature: float) -> Callable[..., Any]:
-    """NT-Xent over the global batch (each device's rows against the gathered views)."""
-    return jax.shard_map(
-        functools.partial(
-            losses.nt_xent_with_metrics, temperature=temperature, axis_name=parallel.DATA_AXIS
-        ),
-        mesh=mesh,
-        in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
-        out_specs=(P(), P()),
-    )
-
-
 def mlm_metrics(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
     """Mean cross-entropy and accuracy over the masked positions of the (global) batch."""
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
@@ -139,7 +125,9 @@ def train_step(
     positions, targets, weights = augment_text.mlm_positions(targets, weights, num)
     # Rows (view 1, view 2, masked) of example i together: [3B, L].
     x = jnp.stack([views[0], views[1], masked], axis=1).reshape((3 * b, -1))
-    nt_xent = sharded_nt_xent(mesh, cc.temperature)
+    nt_xent = parallel.over_global_batch(
+        losses.nt_xent_with_metrics, mesh, temperature=cc.temperature
+    )
 
     def loss_fn(params):
         out, new_stats = base.train_apply(

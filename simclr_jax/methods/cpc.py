@@ -12,7 +12,6 @@ The evaluated representation is the mean of the patch features (what `PatchGridE
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -22,7 +21,6 @@ import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from simclr_jax import augment, losses_local, models
 from simclr_jax.config.checks import check
@@ -168,16 +166,11 @@ def train_step(
     """One CPC update: per-patch views, predictions in every direction, InfoNCE over the batch."""
     x = patches_of(step_key(state), batch["image"], config, batch.get("crop"))
     labels = batch["label"]
-    loss_fn_sharded = jax.shard_map(
-        functools.partial(
-            losses_local.cpc_infonce,
-            targets=jnp.asarray(targets(config), jnp.int32),
-            axis_name=parallel.DATA_AXIS,
-            temperature=config.cpc.temperature,
-        ),
-        mesh=mesh,
-        in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
-        out_specs=(P(), P()),
+    loss_fn_sharded = parallel.over_global_batch(
+        losses_local.cpc_infonce,
+        mesh,
+        targets=jnp.asarray(targets(config), jnp.int32),
+        temperature=config.cpc.temperature,
     )
 
     def loss_fn(params):

@@ -17,14 +17,12 @@ NT-Xent does, which is what learns on small images (docs/methods.md has the figu
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import ml_collections
 import optax
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from simclr_jax import losses_local, models
 from simclr_jax.config.checks import check
@@ -74,14 +72,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, conv: Any =
 
 def sharded_estimator(mesh: Mesh, name: str, temperature: float = 0.0) -> Any:
     """The estimator over the global batch: each device's codes against the gathered locals."""
-    return jax.shard_map(
-        functools.partial(
-            losses_local.ESTIMATORS[name], axis_name=parallel.DATA_AXIS, temperature=temperature
-        ),
-        mesh=mesh,
-        in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
-        out_specs=(P(), P()),
-    )
+    return parallel.over_global_batch(losses_local.ESTIMATORS[name], mesh, temperature=temperature)
 
 
 def train_step(

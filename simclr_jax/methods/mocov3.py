@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from simclr_jax import losses, models
 from simclr_jax.config.checks import ConfigError, check
@@ -201,13 +200,7 @@ def symmetric_loss(
 
 def sharded_loss(mesh: Mesh, temperature: float) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """`symmetric_loss` with each device's queries against the gathered keys of all devices."""
-    spec = P(parallel.DATA_AXIS)
-    return jax.shard_map(
-        functools.partial(symmetric_loss, temperature=temperature, axis_name=parallel.DATA_AXIS),
-        mesh=mesh,
-        in_specs=(spec, spec, spec, spec),
-        out_specs=(P(), P()),
-    )
+    return parallel.over_global_batch(symmetric_loss, mesh, num_inputs=4, temperature=temperature)
 
 
 def key_projections(

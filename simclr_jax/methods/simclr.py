@@ -14,7 +14,6 @@ import jax
 import ml_collections
 import optax
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from simclr_jax import losses
 from simclr_jax.config.checks import check
@@ -49,17 +48,7 @@ def sharded_nt_xent(
         loss_fn = losses.nt_xent_with_metrics
     else:
         raise ValueError(f"config.simclr.loss_impl={impl!r} is not one of {list(LOSS_IMPLS)}")
-    return jax.shard_map(
-        functools.partial(
-            loss_fn,
-            temperature=temperature,
-            axis_name=parallel.DATA_AXIS,
-            decoupled=decoupled,
-        ),
-        mesh=mesh,
-        in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
-        out_specs=(P(), P()),
-    )
+    return parallel.over_global_batch(loss_fn, mesh, temperature=temperature, decoupled=decoupled)
 
 
 def train_step(

@@ -8,6 +8,7 @@ feeds only its own rows of every global batch (`host_to_global`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -241,3 +243,25 @@ def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
     """Assembles each host's slice of the batch into one global array sharded on 'data'."""
     sharding = data_sharded(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def over_global_batch(
+    loss_fn: Callable[..., Any],
+    mesh: Mesh,
+    num_inputs: int = 2,
+    num_outputs: int = 2,
+    **kwargs: Any,
+) -> Callable[..., Any]:
+    """`loss_fn(*rows, axis_name='data', **kwargs)` in `shard_map`: a loss over the global batch.
+
+    Every input is split on 'data' (each device its rows of the batch); the function gathers
+    what it needs over `axis_name` (the other devices' rows as candidates), and its outputs
+    (loss, metrics, ...) are the same on every device. The shape of every contrastive loss
+    here: NT-Xent, CLEAR's, MoCo v3's, DIM's and CPC's estimators.
+    """
+    return jax.shard_map(
+        functools.partial(loss_fn, axis_name=DATA_AXIS, **kwargs),
+        mesh=mesh,
+        in_specs=(P(DATA_AXIS),) * num_inputs,
+        out_specs=(P(),) * num_outputs,
+    )
