@@ -4,8 +4,9 @@ STS (SentEval's unsupervised protocol): the Spearman correlation between the cos
 the two texts' pooled features and the human score, on `eval.sts_task` ('stsb': GLUE's STS-B
 validation pairs; 'lee': the Lee, Pincombe & Welsh 2005 document pairs that ship with gensim, the
 offline default). The probe (SentEval's): an L2-regularised logistic regression on the frozen,
-standardised features of `eval.probe_task`'s train split, accuracy on its test split ('sst2':
-GLUE's SST-2, train -> validation; 'polarity': Pang & Lee's sentence polarity sample in gensim).
+standardised features of `eval.probe_task`: 'sst2' (GLUE's SST-2) trained on train, scored on
+validation; 'polarity' (Pang & Lee's 200 movie-review sentences in gensim, SentEval's MR task in
+small) scored by stratified 10-fold cross-validation, as SentEval scores MR.
 Features are computed on the run's mesh; the texts are few enough (a split of SST-2 at most) to
 hold on every host.
 """
@@ -26,6 +27,10 @@ from simclr_jax import models
 from simclr_jax.runtime import compiled, files, parallel
 
 log = logging.getLogger(__name__)
+
+CV_FOLDS = 10  # SentEval's cross-validation of the probe on a task without a test split
+# Probe tasks scored by cross-validation on all their sentences (the rest: train -> test split).
+CROSS_VALIDATED = ("polarity",)
 
 
 def _extract_fn(model_config: Any, mesh: Mesh) -> Any:
@@ -74,14 +79,22 @@ def sts_spearman(f1: np.ndarray, f2: np.ndarray, gold: np.ndarray) -> float:
 
 
 def probe_accuracy(
-    train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], seed: int
+    train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray] | None, seed: int
 ) -> float:
-    """Test accuracy of a logistic regression on standardised frozen features (SentEval's)."""
+    """Accuracy of a logistic regression on standardised frozen features (SentEval's).
+
+    `test` None: the mean accuracy of a stratified 10-fold cross-validation on `train`, as
+    SentEval scores its small sets (MR, Pang & Lee's movie-review sentences, among them).
+    """
     from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    if test is None:
+        folds = StratifiedKFold(n_splits=CV_FOLDS, shuffle=True, random_state=seed)
+        return float(np.mean(cross_val_score(clf, *train, cv=folds)))
     clf.fit(*train)
     return float(clf.score(*test))
 
@@ -97,11 +110,8 @@ def evaluate_text_encoder(
     batch = config.eval.batch_size
     feats = text_features(model_config, encoder_vars, inputs["tokens"], mesh, batch)
     sts = sts_spearman(feats[inputs["sts1"]], feats[inputs["sts2"]], inputs["sts_gold"])
-    linear = probe_accuracy(
-        (feats[inputs["train"]], inputs["train_labels"]),
-        (feats[inputs["test"]], inputs["test_labels"]),
-        config.seed,
-    )
+    test = None if not len(inputs["test"]) else (feats[inputs["test"]], inputs["test_labels"])
+    linear = probe_accuracy((feats[inputs["train"]], inputs["train_labels"]), test, config.seed)
     return {"sts": sts, "linear": linear}
 
 
@@ -116,8 +126,14 @@ def text_inputs(config: ml_collections.ConfigDict, tok: Any) -> dict[str, Any]:
 
     max_len = int(config.model.max_len)
     s1, s2, gold = text_eval_data.sts_pairs(config, config.eval.sts_task)
-    train_x, train_y = text_eval_data.probe_texts(config, config.eval.probe_task, "train")
-    test_x, test_y = text_eval_data.probe_texts(config, config.eval.probe_task, "test")
+    task = config.eval.probe_task
+    if task in CROSS_VALIDATED:
+        train_x, train_y = text_eval_data.probe_texts(config, task, "all")
+        test_x, test_y = [], np.zeros((0,), np.int32)
+    else:
+        train_x, train_y = text_eval_data.probe_texts(config, task, "train")
+        held_out = text_eval_data.PROBE_SPLITS[task][1]  # sst2: its labelled 'validation'
+        test_x, test_y = text_eval_data.probe_texts(config, task, held_out)
     texts = list(dict.fromkeys([*s1, *s2, *train_x, *test_x]))
     row = {t: i for i, t in enumerate(texts)}
     tokens, _, truncated = tokenizer.encode(tok, texts, max_len)

@@ -1,0 +1,48 @@
+"""The text encoder's end-of-run measures: STS Spearman, the probe, the deduplicated inputs."""
+
+import numpy as np
+import pytest
+from tiny import load_config
+
+pytest.importorskip("tokenizers")
+
+from simclr_jax.data import text_eval_data, tokenizer  # noqa: E402
+from simclr_jax.evals import text_eval  # noqa: E402
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 (no ties in these tests)."""
+    return np.argsort(np.argsort(x)).astype(np.float64)
+
+
+def test_sts_spearman_is_the_rank_correlation_of_cosines():
+    rng = np.random.default_rng(0)
+    f1, f2, gold = rng.normal(size=(30, 5)), rng.normal(size=(30, 5)), rng.normal(size=30)
+    cos = np.sum(f1 * f2, 1) / np.linalg.norm(f1, axis=1) / np.linalg.norm(f2, axis=1)
+    a, b = _ranks(cos) - 14.5, _ranks(gold) - 14.5
+    want = np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b))
+    assert text_eval.sts_spearman(f1 * 3.0, f2, gold) == pytest.approx(want, abs=1e-12)
+
+
+def test_the_probe_scores_a_split_or_cross_validates():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8))
+    y = (x[:, 0] > 0).astype(np.int32)  # linearly separable on one feature
+    assert text_eval.probe_accuracy((x, y), None, 0) >= 0.95
+    assert text_eval.probe_accuracy((x[:160], y[:160]), (x[160:], y[160:]), 0) >= 0.95
+    noise = rng.integers(0, 2, 200)  # labels unrelated to the features: near chance
+    assert 0.3 <= text_eval.probe_accuracy((x, noise), None, 0) <= 0.7
+
+
+def test_text_inputs_encode_each_text_once_and_index_the_pairs():
+    c = load_config("clear_text")
+    c.model.max_len = 32
+    s1, s2, gold = text_eval_data.sts_pairs(c, "lee")
+    texts, _ = text_eval_data.probe_texts(c, "polarity", "all")
+    tok = tokenizer.train_tokenizer([*s1[:100], *texts], 300)
+    inputs = text_eval.text_inputs(c, tok)
+    assert len(inputs["tokens"]) == 50 + 200  # the 50 Lee documents, the 200 sentences
+    assert len(inputs["sts1"]) == len(gold) == 1225 and len(inputs["test"]) == 0  # polarity: CV
+    assert len(inputs["train"]) == 200 and sorted(np.bincount(inputs["train_labels"])) == [100, 100]
+    row = tokenizer.encode(tok, [s2[7]], 32)[0][0]
+    np.testing.assert_array_equal(inputs["tokens"][inputs["sts2"][7]], row)
