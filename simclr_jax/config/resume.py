@@ -21,11 +21,16 @@ COMMON_SAFE_KEYS: tuple[str, ...] = (
     "data.manual_dir",
     "distributed.",
 )
+# A text run's tokenizer is WORKDIR/tokenizer.json from its first start on: on resume these
+# keys, which only shape a tokenizer still to be trained (or name one to copy), change nothing.
+_TOKENIZER_KEYS = ("data.lowercase", "data.tokenizer_train_examples", "data.tokenizer")
 # Per job, what else it never reads while training: pretraining's end-of-run evaluation reruns in
 # full on resume, and downstream jobs' evaluation batch and cadence do not change their result.
 _DOWNSTREAM_EXTRA = ("finetune.eval_every_epochs", "eval.batch_size")
 RESUME_SAFE_KEYS: dict[str, tuple[str, ...]] = {
-    "pretrain": COMMON_SAFE_KEYS + ("eval.", "init_from", "finetune.", "distill."),
+    "pretrain": COMMON_SAFE_KEYS
+    + _TOKENIZER_KEYS
+    + ("eval.", "init_from", "finetune.", "distill."),
     "linear_eval": COMMON_SAFE_KEYS + _DOWNSTREAM_EXTRA,
     "finetune": COMMON_SAFE_KEYS + _DOWNSTREAM_EXTRA,
     "distill": COMMON_SAFE_KEYS
