@@ -46,3 +46,13 @@ def test_text_inputs_encode_each_text_once_and_index_the_pairs():
     assert len(inputs["train"]) == 200 and sorted(np.bincount(inputs["train_labels"])) == [100, 100]
     row = tokenizer.encode(tok, [s2[7]], 32)[0][0]
     np.testing.assert_array_equal(inputs["tokens"][inputs["sts2"][7]], row)
+
+
+@pytest.mark.parametrize("mode", ["preview_augment", "distill"])
+def test_image_only_modes_refuse_a_text_dataset_in_one_line(mode, tmp_path):
+    from simclr_jax import modes
+
+    c = load_config("clear_text")
+    c.distill.teacher = str(tmp_path)
+    with pytest.raises(ValueError, match="is text"):
+        modes.run(mode, c, str(tmp_path / "run"), False)

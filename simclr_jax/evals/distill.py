@@ -278,6 +278,11 @@ def distill(
     Returns the result: `top1`, `top5`, `teacher_top1`, `teacher_top5`, `steps`, `history`, ...
     """
     config_base.validate_config(config)
+    if data.modality(config.dataset) != "image":
+        raise ValueError(
+            f"--mode=distill distils image classifiers; config.dataset={config.dataset!r} is "
+            "text (text encoders: --mode=linear_eval or --mode=finetune)"
+        )
     parallel.maybe_initialize_distributed(config)
     mesh = parallel.make_mesh()
     teacher = load_teacher(config, data.dataset_info(config).num_classes)

@@ -214,6 +214,11 @@ def export_torch(export_path: str, out_dir: str | None = None) -> dict[str, str]
     step = int(meta.get("source", {}).get("step", 0))
     params, stats = variables["params"], variables.get("batch_stats", {})
     image_size = meta.get("source", {}).get("config", {}).get("augment", {}).get("image_size")
+    if encoder_name(model) == "text":
+        raise ValueError(
+            f"{export_path} holds a text encoder (model.name='text'); --mode=export_torch writes "
+            "torchvision's ResNet and ViT layouts only (use the JAX export and its tokenizer.json)"
+        )
     if encoder_name(model) == "vit":
         export_torch_vit.check_exportable(model, export_path)
         image_size = export_torch_vit.vit_image_size(model, params["encoder"], image_size)

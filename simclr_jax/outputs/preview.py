@@ -128,6 +128,11 @@ def preview_augment(
     """
     from simclr_jax import data
 
+    if data.modality(config.dataset) != "image":
+        raise ValueError(
+            f"--mode=preview_augment shows image augmentations; config.dataset="
+            f"{config.dataset!r} is text (CLEAR's augmentations on token ids: augment_text)"
+        )
     if num_images < 1 or num_views < 1:
         raise ValueError(f"num_images={num_images} and num_views={num_views} must be >= 1")
     augment.validate_augment_config(config.augment)
