@@ -211,17 +211,3 @@ def test_finetune_writes_its_result_and_resumes_to_the_same_one(export, tmp_path
         jax.tree.leaves(resumed["variables"]), jax.tree.leaves(full["variables"]), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_linear_eval_of_a_text_runs_own_checkpoint_reads_its_tokenizer(tmp_path):
-    """CLEAR pretrains 2 steps on 'polarity' (labelled: its online head learns too); linear_eval
-    without init_from reads the workdir's checkpoint and WORKDIR/tokenizer.json."""
-    c = _config("")
-    c.batch_size, c.total_steps, c.checkpoint_every_steps, c.eval.at_end = 16, 2, 2, False
-    c.model.head_hidden_dim = c.model.head_out_dim = 16
-    workdir = str(tmp_path / "run")
-    modes.run("pretrain", c, workdir, False)
-    c.linear_eval.precompute_features = True
-    result = modes.run("linear_eval", c, workdir, False)
-    assert 0 <= result["top1"] <= 1 and result["num_labels"] == 160
-    _check_result(os.path.join(workdir, "linear_eval.json"), "linear_eval", workdir)
