@@ -56,3 +56,11 @@ def test_image_only_modes_refuse_a_text_dataset_in_one_line(mode, tmp_path):
     c.distill.teacher = str(tmp_path)
     with pytest.raises(ValueError, match="is text"):
         modes.run(mode, c, str(tmp_path / "run"), False)
+
+
+def test_centring_subtracts_the_features_mean():
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(40, 16)) + 50.0  # a common offset: every cosine near 1
+    c = text_eval.centred(f)
+    np.testing.assert_allclose(c.mean(0), 0.0, atol=1e-9)
+    np.testing.assert_allclose(c, f - f.mean(0), atol=0)

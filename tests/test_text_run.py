@@ -47,8 +47,8 @@ def test_a_text_run_trains_its_tokenizer_once_exports_it_and_evaluates(tmp_path,
     assert steps == [2, 4, 6]
     with open(os.path.join(workdir, "eval.json")) as f:
         results = json.load(f)
-    assert results["tasks"] == {"sts": "lee", "linear": "polarity"}
-    for kind in ("sts", "linear"):
+    assert results["tasks"] == {"sts": "lee", "sts_centred": "lee", "linear": "polarity"}
+    for kind in ("sts", "sts_centred", "linear"):
         assert set(results[kind]) == {"random_init", "pretrained"}
     assert -1 <= results["sts"]["pretrained"] <= 1 and 0 <= results["linear"]["pretrained"] <= 1
     c = _config(6)

@@ -3,7 +3,9 @@
 STS (SentEval's unsupervised protocol): the Spearman correlation between the cosine similarity of
 the two texts' pooled features and the human score, on `eval.sts_task` ('stsb': GLUE's STS-B
 validation pairs; 'lee': the Lee, Pincombe & Welsh 2005 document pairs that ship with gensim, the
-offline default). The probe (SentEval's): an L2-regularised logistic regression on the frozen,
+offline default); `sts_centred` is the same on features minus their mean over the STS texts
+(the common direction that training makes dominate every cosine, see `centred`). The probe
+(SentEval's): an L2-regularised logistic regression on the frozen,
 standardised features of `eval.probe_task`: 'sst2' (GLUE's SST-2) trained on train, scored on
 validation; 'polarity' (Pang & Lee's 200 movie-review sentences in gensim, SentEval's MR task in
 small) scored by stratified 10-fold cross-validation, as SentEval scores MR.
@@ -67,6 +69,16 @@ def text_features(
     return np.concatenate(out)
 
 
+def centred(features: np.ndarray) -> np.ndarray:
+    """`features` minus their mean: the common direction that dominates every cosine removed.
+
+    Contrastive and MLM training make pooled features anisotropic (all pairwise cosines high,
+    Ethayarajh 2019); subtracting the mean over the evaluated texts is the first step of
+    All-but-the-Top (Mu & Viswanath 2018) and of BERT-whitening (Su et al. 2021).
+    """
+    return features - features.mean(axis=0, keepdims=True)
+
+
 def sts_spearman(f1: np.ndarray, f2: np.ndarray, gold: np.ndarray) -> float:
     """Spearman's rho between the pairs' cosine similarities and the gold scores."""
     from scipy.stats import spearmanr
@@ -106,13 +118,17 @@ def evaluate_text_encoder(
     mesh: Mesh,
     inputs: dict[str, Any],
 ) -> dict[str, float]:
-    """`{'sts', 'linear'}` of one encoder on the tokenised inputs of `text_inputs`."""
+    """`{'sts', 'sts_centred', 'linear'}` of one encoder on the inputs of `text_inputs`."""
     batch = config.eval.batch_size
     feats = text_features(model_config, encoder_vars, inputs["tokens"], mesh, batch)
     sts = sts_spearman(feats[inputs["sts1"]], feats[inputs["sts2"]], inputs["sts_gold"])
+    rows = np.unique(np.concatenate([inputs["sts1"], inputs["sts2"]]))
+    c = np.zeros_like(feats)
+    c[rows] = centred(feats[rows])  # the mean over the STS texts only
+    sts_c = sts_spearman(c[inputs["sts1"]], c[inputs["sts2"]], inputs["sts_gold"])
     test = None if not len(inputs["test"]) else (feats[inputs["test"]], inputs["test_labels"])
     linear = probe_accuracy((feats[inputs["train"]], inputs["train_labels"]), test, config.seed)
-    return {"sts": sts, "linear": linear}
+    return {"sts": sts, "sts_centred": sts_c, "linear": linear}
 
 
 def text_inputs(config: ml_collections.ConfigDict, tok: Any) -> dict[str, Any]:
@@ -153,11 +169,12 @@ def text_inputs(config: ml_collections.ConfigDict, tok: Any) -> dict[str, Any]:
 
 def format_text_table(results: dict[str, dict[str, float]], tasks: tuple[str, str]) -> str:
     """The random-init vs pretrained table printed at the end of a text run."""
-    sts_name, probe_name = f"STS {tasks[0]} (rho)", f"probe {tasks[1]}"
-    rows = ["", f"{'encoder':<14}{sts_name:>18}{probe_name:>20}", "-" * 52]
+    heads = (f"STS {tasks[0]}", "centred", f"probe {tasks[1]}")
+    keys = ("sts", "sts_centred", "linear")
+    rows = ["", f"{'encoder':<14}" + "".join(f"{h:>16}" for h in heads), "-" * 62]
     for name in ("random_init", "pretrained"):
         if name in results.get("sts", {}):
-            rows.append(f"{name:<14}{results['sts'][name]:>18.4f}{results['linear'][name]:>20.4f}")
+            rows.append(f"{name:<14}" + "".join(f"{results[k][name]:>16.4f}" for k in keys))
     return "\n".join(rows)
 
 
@@ -170,7 +187,8 @@ def evaluate_text_run(
 ) -> dict[str, Any]:
     """STS + linear probe of each `{name: encoder variables}`; writes `eval.json`.
 
-    `eval.json` is `{'sts': {'random_init', 'pretrained'}, 'linear': {...}, 'tasks': {...}}`.
+    `eval.json` is `{'sts': {'random_init', 'pretrained'}, 'sts_centred': {...}, 'linear':
+    {...}, 'tasks': {...}}` (Spearman's rho of plain and of mean-centred cosines; accuracy).
     """
     inputs = text_inputs(config, tok)
     results: dict[str, Any] = {}
@@ -182,7 +200,7 @@ def evaluate_text_run(
         for kind, value in got.items():
             results.setdefault(kind, {})[name] = value
     tasks = (config.eval.sts_task, config.eval.probe_task)
-    results["tasks"] = {"sts": tasks[0], "linear": tasks[1]}
+    results["tasks"] = {"sts": tasks[0], "sts_centred": tasks[0], "linear": tasks[1]}
     if jax.process_index() == 0:
         files.write_json_atomic(os.path.join(workdir, "eval.json"), results, indent=2)
         print(format_text_table(results, tasks), flush=True)
