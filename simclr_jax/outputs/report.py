@@ -220,10 +220,19 @@ def plot_metric(
     return _save(fig, path)
 
 
+def eval_kinds(results: dict[str, Any]) -> list[str]:
+    """The evaluations in an eval.json: entries with a number per encoder (not 'tasks')."""
+    return [
+        k
+        for k, v in results.items()
+        if isinstance(v, dict) and any(_number(x) is not None for x in v.values())
+    ]
+
+
 def plot_eval(results: dict[str, Any], path: str) -> str:
     """Grouped bars: random-init vs pretrained accuracy for each evaluation."""
     fig, ax = _new_figure()
-    kinds = [k for k, v in results.items() if isinstance(v, dict)]
+    kinds = eval_kinds(results)
     encoders = ("random_init", "pretrained")
     width = 0.38
     for i, enc in enumerate(encoders):
@@ -233,7 +242,7 @@ def plot_eval(results: dict[str, Any], path: str) -> str:
         ax.bar_label(bars, fmt="%.3f", padding=2)
     ax.set_xticks(range(len(kinds)), kinds)
     ax.set_ylim(0, 1.25)  # room above the bar labels for the legend
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy / rho")
     ax.set_title("random-init vs pretrained encoder")
     ax.legend(loc="upper center", ncols=2)
     return _save(fig, path)
@@ -317,7 +326,7 @@ def _html(
         parts.append(_table(table, ["job", *keys]))
     if eval_results:
         parts.append("<h2>Evaluation (random-init vs pretrained encoder)</h2>")
-        kinds = [k for k, v in eval_results.items() if isinstance(v, dict)]
+        kinds = eval_kinds(eval_results)
         table = [
             [k] + [_fmt(_number(eval_results[k].get(e))) for e in ("random_init", "pretrained")]
             for k in kinds
