@@ -6,8 +6,8 @@ The digits encoder (ResNet-18, CIFAR stem, width 16) runs on every patch; four d
 predicting the next 2 rows (all a 3-row grid allows), against every patch of the global batch.
 Scores are cosine similarities / 0.2 (`cpc.temperature`; 0 gives the paper's raw dot products,
 which start at losses of ~25 on these features). Against the same patch-grid encoder at random
-init it gains +6.1 to +8.1 linear and +19.2 to +22.8 kNN points over seeds 0, 1, 3 and 4 (seed 2
-not yet run to the end); docs/methods.md has the figures.
+init it gains +5.0 to +8.1 linear and +19.2 to +23.1 kNN points over seeds 0-4;
+docs/methods.md has the figures.
 """
 
 from simclr_jax.config_base import sibling_config

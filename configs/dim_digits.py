@@ -7,8 +7,8 @@ global code of each view against the 4 x 4 local map (the encoder's stage 3) of 
 The paper's form (each view on its own, raw dot-product scores) ends below the random-init
 encoder on the digits; docs/methods.md has the figures of each variant. Over seeds 0-4 this
 config beats random init by +8.9 to +15.6 kNN points but by only +0.3 to +3.1 linear points:
-seeds 2 and 3 (+0.3, +0.6) miss the 1-point linear bar, and T = 0.1 or crops >= 0.5 did not
-lift seed 2's linear probe. Not yet a robust recipe on the linear probe.
+seeds 2 and 3 (+0.3, +0.6) miss the 1-point linear bar; on seed 2 T = 0.1 or crops >= 0.5 did
+not lift it, T = 0.3 gave +0.8. Not yet a robust recipe on the linear probe.
 """
 
 from simclr_jax.config_base import sibling_config
