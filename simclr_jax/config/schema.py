@@ -67,7 +67,8 @@ def shared_config() -> ml_collections.ConfigDict:
     c.data.text_split = "train"  # tfds_text / hf_text: the split pretrained on
     # The labelled text split the downstream jobs evaluate on (GLUE's labelled eval split).
     c.data.text_test_split = "validation"
-    # The downstream jobs' tokenizer.json ('': the encoder's own, beside its export or checkpoint).
+    # A tokenizer.json. Pretraining: copied into a new run's workdir instead of training one ('':
+    # train). Downstream jobs: the one to encode with ('': the encoder's own, beside its export).
     c.data.tokenizer = ""
     c.data.lowercase = True  # the tokenizer lowercases (and strips accents), as BERT uncased
     # Examples the tokenizer is trained on, evenly spaced over the split (0: all of them).
