@@ -64,3 +64,18 @@ def test_centring_subtracts_the_features_mean():
     c = text_eval.centred(f)
     np.testing.assert_allclose(c.mean(0), 0.0, atol=1e-9)
     np.testing.assert_allclose(c, f - f.mean(0), atol=0)
+
+
+def test_a_new_run_copies_a_given_tokenizer_and_resolves_data_tokenizer(tmp_path):
+    from simclr_jax.pretrain import train
+
+    c = load_config("clear_text")
+    c.dataset, c.model.vocab_size = "polarity", 200
+    given = str(tmp_path / "given.json")
+    texts, _ = text_eval_data.probe_texts(c, "polarity", "all")
+    tokenizer.save(tokenizer.train_tokenizer(texts, 150), given)
+    c.data.tokenizer = given
+    resolved, tok = train.text_tokenizer(c, str(tmp_path / "run"))
+    copied = str(tmp_path / "run" / "tokenizer.json")
+    assert resolved.data.tokenizer == copied and c.data.tokenizer == given  # the caller's kept
+    assert open(copied).read() == open(given).read() and tok.get_vocab_size() <= 150
