@@ -87,8 +87,8 @@ def test_text_folder_stream_order_resume_and_hosts(folder, tok):
     resumed.close()
     hosts = [
         _take(
-            data.text_iterator(
-                c, tok, process_index=p, process_count=2, start_step=3, with_index=True
+            data.pretrain_iterator(
+                c, process_index=p, process_count=2, start_step=3, with_index=True, tokenizer=tok
             ),
             2,
         )
@@ -178,7 +178,9 @@ def test_tfds_glue_tasks_and_stream(tok):
         c.dataset = "tfds_text"
         info = data.dataset_info(c)
         assert (info.num_train_examples, info.num_classes) == (10, 2)
-        batch = next(data.text_iterator(c, tok, process_index=0, process_count=1, start_step=4))
+        batch = next(
+            data.pretrain_iterator(c, process_index=0, process_count=1, start_step=4, tokenizer=tok)
+        )
         index = streams.batch_indices(c.seed, 10, 4, 4)
         want, _, _ = T.encode(tok, [texts[i] for i in index], 12)
         np.testing.assert_array_equal(batch["tokens"], want)
@@ -188,7 +190,9 @@ def test_tfds_glue_tasks_and_stream(tok):
             data.dataset_info(c)
         c.data.tfds_name, c.data.text_field = "glue/stsb", "sentence1"  # float scores: no classes
         assert data.dataset_info(c).num_classes == 1
-        batch = next(data.text_iterator(c, tok, process_index=0, process_count=1, start_step=0))
+        batch = next(
+            data.pretrain_iterator(c, process_index=0, process_count=1, start_step=0, tokenizer=tok)
+        )
         np.testing.assert_array_equal(batch["label"], np.full(4, -1))
     with pytest.raises(ValueError, match="no labelled split 'test'"):
         data.probe_texts(_config(), "sst2", "test")
@@ -221,7 +225,9 @@ def test_bad_text_inputs(tmp_path, tok, caplog):
     def stream(spec, max_len=12):
         c = _config(text_files=str(spec))
         c.dataset, c.model.max_len, c.batch_size = "text_file", max_len, 2
-        return data.text_iterator(c, tok, process_index=0, process_count=1, start_step=0)
+        return data.pretrain_iterator(
+            c, process_index=0, process_count=1, start_step=0, tokenizer=tok
+        )
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")
@@ -273,7 +279,9 @@ def test_hf_text_from_jsonl(tmp_path, tok, monkeypatch):
     c.dataset = "hf_text"
     info = data.dataset_info(c)
     assert (info.num_train_examples, info.num_classes) == (6, 3)
-    batch = next(data.text_iterator(c, tok, process_index=1, process_count=2, start_step=2))
+    batch = next(
+        data.pretrain_iterator(c, process_index=1, process_count=2, start_step=2, tokenizer=tok)
+    )
     index = streams.batch_indices(c.seed, 6, 4, 2)[2:]
     np.testing.assert_array_equal(batch["tokens"], T.encode(tok, [LINES[i] for i in index], 12)[0])
     np.testing.assert_array_equal(batch["label"], index % 3)

@@ -207,7 +207,7 @@ def pretrain_iterator(
             config,
             tokenizer,
             process_index=process_index,
-            process_count=process_count,
+            batch=batch,
             start_step=start_step,
             with_index=with_index,
         )

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from simclr_jax.data import tokenizer as tokenizer_lib
 from simclr_jax.data.datasets import Batch, DatasetInfo
 from simclr_jax.data.plans import TrainPlan
 from simclr_jax.data.stats import StreamStats
 from simclr_jax.data.text_sources import TextSource, open_text_source
+from simclr_jax.data.tokenizer import encode, load_or_train
 
 if TYPE_CHECKING:
     import ml_collections
@@ -64,7 +64,7 @@ class TextStream(Iterator[Batch]):
     def __next__(self) -> Batch:
         index, _ = self._plan.rows(self._step)
         texts, labels = self._source.read(index)
-        tokens, words, truncated = tokenizer_lib.encode(self._tok, texts, self._max_len)
+        tokens, words, truncated = encode(self._tok, texts, self._max_len)
         self.stats.read += len(texts)
         self.stats.truncated += truncated
         if truncated and not self._warned:
@@ -94,28 +94,21 @@ def text_iterator(
     tok: tokenizers.Tokenizer,
     *,
     process_index: int,
-    process_count: int,
+    batch: int,
     start_step: int,
     with_index: bool = False,
 ) -> TextStream:
     """This host's endless text batches from global step `start_step` (the image contract).
 
     Rows [p*b, (p+1)*b) of global batch t = `streams.batch_indices(seed, n, batch_size, t)`,
-    b = batch_size // process_count, each example `config.model.max_len` token ids.
+    p = `process_index`, b = `batch` (the host's share, checked by `data.pretrain_iterator`,
+    the public entry), each example `config.model.max_len` token ids.
     """
-    if config.batch_size % process_count:
-        raise ValueError(
-            f"config.batch_size={config.batch_size} is not divisible by "
-            f"process_count={process_count}."
-        )
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
     source = open_text_source(config)
     if len(source) < config.batch_size:
         raise ValueError(
             f"config.batch_size={config.batch_size} > {len(source)} {config.dataset} examples."
         )
-    batch = config.batch_size // process_count
     plan = TrainPlan(config.seed, len(source), config.batch_size, process_index * batch, batch)
     return TextStream(
         source,
@@ -144,7 +137,7 @@ def load_or_train_tokenizer(
     config: ml_collections.ConfigDict, workdir: str
 ) -> tokenizers.Tokenizer:
     """WORKDIR/tokenizer.json, trained on `training_texts(config)` the first time."""
-    return tokenizer_lib.load_or_train(config, workdir, lambda: training_texts(config))
+    return load_or_train(config, workdir, lambda: training_texts(config))
 
 
 def text_info(config: ml_collections.ConfigDict) -> DatasetInfo:

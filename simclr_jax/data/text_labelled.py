@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from simclr_jax.data import tokenizer as tokenizer_lib
 from simclr_jax.data.datasets import Batch
 from simclr_jax.data.plans import EvalPlan, TrainPlan
 from simclr_jax.data.text import TextStream
 from simclr_jax.data.text_sources import TextSource, open_text_source
+from simclr_jax.data.tokenizer import encode, load
 
 if TYPE_CHECKING:
     import ml_collections
@@ -61,7 +61,7 @@ def load_tokenizer(config: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
             "config.data.tokenizer is empty: set it to the encoder's tokenizer.json (the "
             "linear_eval / finetune jobs set it to the one beside the export or checkpoint)."
         )
-    tok = tokenizer_lib.load(path)
+    tok = load(path)
     vocab = int(config.model.vocab_size)
     if tok.get_vocab_size() > vocab:
         raise ValueError(
@@ -152,7 +152,7 @@ def text_eval_batches(
             mask = index >= 0
             texts, labels = source.read(index[mask])
             padded = list(texts) + [""] * int((~mask).sum())
-            tokens, _, _ = tokenizer_lib.encode(tok, padded, max_len)
+            tokens, _, _ = encode(tok, padded, max_len)
             label = np.zeros(rows, np.int32)
             label[: len(labels)] = labels
             yield {"tokens": tokens, "label": label, "mask": mask}
