@@ -79,3 +79,17 @@ def test_a_new_run_copies_a_given_tokenizer_and_resolves_data_tokenizer(tmp_path
     copied = str(tmp_path / "run" / "tokenizer.json")
     assert resolved.data.tokenizer == copied and c.data.tokenizer == given  # the caller's kept
     assert open(copied).read() == open(given).read() and tok.get_vocab_size() <= 150
+
+
+def test_a_given_tokenizer_larger_than_the_model_is_refused_before_it_is_copied(tmp_path):
+    from simclr_jax.pretrain import train
+
+    c = load_config("clear_text")
+    c.dataset, c.model.vocab_size = "polarity", 50
+    given = str(tmp_path / "given.json")
+    texts, _ = text_eval_data.probe_texts(c, "polarity", "all")
+    tokenizer.save(tokenizer.train_tokenizer(texts, 150), given)
+    c.data.tokenizer = given
+    with pytest.raises(ValueError, match="more than model.vocab_size=50"):
+        train.text_tokenizer(c, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "tokenizer.json").exists()

@@ -82,7 +82,7 @@ from simclr_jax.data.text import (  # noqa: F401  (re-exported)
 )
 from simclr_jax.data.text_eval_data import probe_texts, sts_pairs  # noqa: F401  (re-exported)
 from simclr_jax.data.tokenizer import TOKENIZER_FILE  # noqa: F401  (re-exported)
-from simclr_jax.data.tokenizer import load as load_tokenizer_file  # noqa: F401  (re-exported)
+from simclr_jax.data.tokenizer import load_for as load_tokenizer_for  # noqa: F401  (re-exported)
 from simclr_jax.data.tokenizer import save as save_tokenizer  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:

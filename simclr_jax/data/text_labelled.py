@@ -20,7 +20,7 @@ from simclr_jax.data.datasets import Batch
 from simclr_jax.data.plans import EvalPlan, TrainPlan
 from simclr_jax.data.text import TextStream
 from simclr_jax.data.text_sources import TextSource, open_text_source
-from simclr_jax.data.tokenizer import encode, load
+from simclr_jax.data.tokenizer import encode, load_for
 
 if TYPE_CHECKING:
     import ml_collections
@@ -61,14 +61,7 @@ def load_tokenizer(config: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
             "config.data.tokenizer is empty: set it to the encoder's tokenizer.json (the "
             "linear_eval / finetune jobs set it to the one beside the export or checkpoint)."
         )
-    tok = load(path)
-    vocab = int(config.model.vocab_size)
-    if tok.get_vocab_size() > vocab:
-        raise ValueError(
-            f"tokenizer file {path} has {tok.get_vocab_size()} tokens, more than the encoder's "
-            f"model.vocab_size={vocab}: it is not the encoder's tokenizer."
-        )
-    return tok
+    return load_for(path, int(config.model.vocab_size))
 
 
 def text_size(config: ml_collections.ConfigDict, split: str, keep: np.ndarray | None = None) -> int:

@@ -136,6 +136,18 @@ def load(path: str) -> tokenizers.Tokenizer:
     return tok
 
 
+def load_for(path: str, vocab_size: int) -> tokenizers.Tokenizer:
+    """The tokenizer at `path`, refused in one line if it has more than `vocab_size` tokens."""
+    tok = load(path)
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(
+            f"tokenizer file {path} has {tok.get_vocab_size()} tokens, more than "
+            f"model.vocab_size={vocab_size}: it is not this encoder's tokenizer (or use the "
+            "vocab_size it was trained for)."
+        )
+    return tok
+
+
 def load_or_train(
     config: ml_collections.ConfigDict, workdir: str, texts_fn: Callable[[], Iterable[str]]
 ) -> tokenizers.Tokenizer:
@@ -147,13 +159,7 @@ def load_or_train(
     path = os.path.join(workdir, TOKENIZER_FILE)
     vocab_size = int(config.model.vocab_size)
     if os.path.exists(path):
-        tok = load(path)
-        if tok.get_vocab_size() > vocab_size:
-            raise ValueError(
-                f"{path} has {tok.get_vocab_size()} tokens, more than "
-                f"model.vocab_size={vocab_size}; use the vocab_size it was trained for."
-            )
-        return tok
+        return load_for(path, vocab_size)
     lowercase = bool(config.data.get("lowercase", True))
     tok = train_tokenizer(texts_fn(), vocab_size, lowercase=lowercase)
     os.makedirs(workdir, exist_ok=True)

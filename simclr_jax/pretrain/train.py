@@ -148,7 +148,8 @@ def text_tokenizer(
         return config, None
     path = os.path.join(workdir, data.TOKENIZER_FILE)
     if config.data.tokenizer and not os.path.exists(path):
-        given = data.load_tokenizer_file(config.data.tokenizer)  # checked before it is copied
+        # Checked (special ids, at most model.vocab_size tokens) before it is copied.
+        given = data.load_tokenizer_for(config.data.tokenizer, int(config.model.vocab_size))
         os.makedirs(workdir, exist_ok=True)
         data.save_tokenizer(given, path)
     tok = data.load_or_train_tokenizer(config, workdir)
