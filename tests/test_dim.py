@@ -116,22 +116,12 @@ def test_step_learns_and_reports_the_estimator_accuracy(dim_run):
 
 
 def test_sharded_steps_equal_the_single_device_steps(dim_run):
-    from test_methods import VIEW_PIXELS, _hand_run
-    from tolerances import assert_trees_close
+    from test_methods import _hand_run, assert_steps_agree
 
     config, (states8, metrics8, _) = dim_run
     states1, metrics1, _ = _hand_run(config, jax.devices()[:1], 1)
-    for key in ("loss", "dim_acc", "linear_loss", "grad_norm"):
-        np.testing.assert_allclose(
-            metrics8[0][key], metrics1[0][key], rtol=fp32_rtol(VIEW_PIXELS, 40), err_msg=key
-        )
-    assert_trees_close(
-        states1[1].params,
-        states8[1].params,
-        reduction_len=VIEW_PIXELS,
-        depth=40,
-        before=states8[0].params,
-    )
+    keys = ("loss", "dim_acc", "linear_loss", "grad_norm")
+    assert_steps_agree((states1, metrics1), (states8, metrics8), keys)
 
 
 def test_resume_is_bit_exact(dim_run, tmp_path):

@@ -52,6 +52,27 @@ def _hand_run(config, devices, steps):
     return states, metrics, step_fn
 
 
+def assert_steps_agree(run1, run8, keys, steps=1):
+    """The first `steps` metrics (`keys`) and the state after step 1 of a 1- and an 8-device run.
+
+    After one step the states agree to the rounding of one forward + backward pass, whose
+    longest sums (weight gradients, BN statistics) run over every view's pixels.
+    """
+    (states1, metrics1), (states8, metrics8) = run1, run8
+    for k in range(steps):
+        for key in keys:
+            np.testing.assert_allclose(
+                metrics8[k][key], metrics1[k][key], rtol=fp32_rtol(VIEW_PIXELS, 40), err_msg=key
+            )
+    assert_trees_close(
+        states1[1].params,
+        states8[1].params,
+        reduction_len=VIEW_PIXELS,
+        depth=40,
+        before=states8[0].params,
+    )
+
+
 @pytest.fixture(scope="module")
 def byol_run():
     config = _config("byol")
@@ -153,19 +174,8 @@ def test_step_updates_the_target_by_ema_and_metrics_are_finite(run):
 def test_sharded_steps_equal_the_single_device_steps(run):
     config, (states8, metrics8, _) = run
     states1, metrics1, _ = _hand_run(config, jax.devices()[:1], 2)
-    for k in range(2):
-        for key in ("loss", "linear_loss", "grad_norm"):
-            np.testing.assert_allclose(
-                metrics8[k][key], metrics1[k][key], rtol=fp32_rtol(VIEW_PIXELS, 40), err_msg=key
-            )
-    # After one step the states agree to the rounding of one forward + backward pass, whose
-    # longest sums (weight gradients, BN statistics) run over every view's pixels.
-    assert_trees_close(
-        states1[1].params,
-        states8[1].params,
-        reduction_len=VIEW_PIXELS,
-        depth=40,
-        before=states8[0].params,
+    assert_steps_agree(
+        (states1, metrics1), (states8, metrics8), ("loss", "linear_loss", "grad_norm"), steps=2
     )
 
 

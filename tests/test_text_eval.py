@@ -66,15 +66,21 @@ def test_centring_subtracts_the_features_mean():
     np.testing.assert_allclose(c, f - f.mean(0), atol=0)
 
 
-def test_a_new_run_copies_a_given_tokenizer_and_resolves_data_tokenizer(tmp_path):
-    from simclr_jax.pretrain import train
-
+def _config_with_given_tokenizer(tmp_path, vocab_size):
+    """configs/clear_text.py on polarity with `model.vocab_size`, naming a 150-token tokenizer."""
     c = load_config("clear_text")
-    c.dataset, c.model.vocab_size = "polarity", 200
+    c.dataset, c.model.vocab_size = "polarity", vocab_size
     given = str(tmp_path / "given.json")
     texts, _ = text_eval_data.probe_texts(c, "polarity", "all")
     tokenizer.save(tokenizer.train_tokenizer(texts, 150), given)
     c.data.tokenizer = given
+    return c, given
+
+
+def test_a_new_run_copies_a_given_tokenizer_and_resolves_data_tokenizer(tmp_path):
+    from simclr_jax.pretrain import train
+
+    c, given = _config_with_given_tokenizer(tmp_path, 200)
     resolved, tok = train.text_tokenizer(c, str(tmp_path / "run"))
     copied = str(tmp_path / "run" / "tokenizer.json")
     assert resolved.data.tokenizer == copied and c.data.tokenizer == given  # the caller's kept
@@ -84,12 +90,7 @@ def test_a_new_run_copies_a_given_tokenizer_and_resolves_data_tokenizer(tmp_path
 def test_a_given_tokenizer_larger_than_the_model_is_refused_before_it_is_copied(tmp_path):
     from simclr_jax.pretrain import train
 
-    c = load_config("clear_text")
-    c.dataset, c.model.vocab_size = "polarity", 50
-    given = str(tmp_path / "given.json")
-    texts, _ = text_eval_data.probe_texts(c, "polarity", "all")
-    tokenizer.save(tokenizer.train_tokenizer(texts, 150), given)
-    c.data.tokenizer = given
+    c, _ = _config_with_given_tokenizer(tmp_path, 50)
     with pytest.raises(ValueError, match="more than model.vocab_size=50"):
         train.text_tokenizer(c, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "tokenizer.json").exists()
