@@ -8,6 +8,9 @@ uninterrupted one from s, on any process count; a TFRecord-only dataset is refus
 import itertools
 import logging
 import os
+import platform
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -15,7 +18,7 @@ import pytest
 from tiny import data_config
 
 from simclr_jax import data
-from simclr_jax.data import labelled, pipeline, sources, streams
+from simclr_jax.data import host_malloc, labelled, pipeline, sources, streams
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -196,6 +199,52 @@ def test_a_resume_reads_a_bounded_number_of_records_at_any_step(folder, monkeypa
     threads = pipeline.READ_THREADS
     bound = ((pipeline.READ_AHEAD_PER_THREAD + 1) * threads + 2) * 4  # read ahead, chunks of 4
     assert max(counts) <= bound, counts
+
+
+# Freed 100 KB records faulted in again: a thread allocates and frees a chunk of them five times.
+_REFAULTS = """
+import resource, sys, threading
+if sys.argv[1] == "set":
+    from simclr_jax.data import host_malloc
+    assert host_malloc.retain_freed_memory()
+faults = []
+record = bytes(range(256)) * 400
+def chunks():
+    for _ in range(5):
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        chunk = [bytearray(record[:100_000]) for _ in range(128)]  # copied, as a reader does
+        del chunk
+        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+thread = threading.Thread(target=chunks)
+thread.start()
+thread.join()
+print(sum(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(
+    not host_malloc.applies(os.environ, platform.libc_ver()[0]), reason="glibc's malloc only"
+)
+def test_freed_record_chunks_are_reused_without_page_faults():
+    """host_malloc: a freed chunk's pages stay mapped for the next (glibc trims them otherwise)."""
+    faults = {}
+    for mode in ("default", "set"):
+        out = subprocess.run(
+            [sys.executable, "-c", _REFAULTS, mode], capture_output=True, text=True, check=True
+        )
+        faults[mode] = int(out.stdout)
+    # 4 chunks of 128 x 25 pages: glibc's default faults most of them in again.
+    assert faults["default"] > 4 * 128 * 25 // 2, faults
+    assert faults["set"] < faults["default"] // 20, faults
+
+
+def test_malloc_settings_of_the_user_are_kept():
+    """Only glibc, and never over a MALLOC_* variable or a malloc tunable the user set."""
+    assert host_malloc.applies({}, "glibc")
+    assert host_malloc.applies({"GLIBC_TUNABLES": "glibc.rtld.nns=2"}, "glibc")
+    assert not host_malloc.applies({}, "")
+    assert not host_malloc.applies({"MALLOC_TRIM_THRESHOLD_": "1"}, "glibc")
+    assert not host_malloc.applies({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}, "glibc")
 
 
 # ---------------------------------------------------------------- tfds formats

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from simclr_jax.data.datasets import Batch, import_tf
+from simclr_jax.data.host_malloc import retain_freed_memory
 from simclr_jax.data.plans import EvalPlan, Plan, TrainPlan  # noqa: F401  (re-exported)
 from simclr_jax.data.sources import Source
 from simclr_jax.data.stats import (  # noqa: F401  (re-exported)
@@ -193,6 +194,7 @@ class Stream(Iterator[Batch]):
         max_bad_fraction: float = MAX_BAD_FRACTION,
     ):
         tf = import_tf()
+        retain_freed_memory()  # chunks freed at once would be faulted in again (host_malloc)
         self.stats = StreamStats(max_fraction=max_bad_fraction)
         self._source, self._plan = source, plan
         self._step, self._stop = start_step, None if num_steps is None else start_step + num_steps

@@ -1,0 +1,54 @@
+"""glibc malloc settings for the streamed pipeline: freed record buffers stay mapped for reuse.
+
+The pipeline reads a chunk of records at a time (`pipeline.READ_CHUNK`: ~14 MB of ImageNet
+JPEGs) and frees it at once after tf.data has copied it. glibc's default then hands the freed top
+of the heap back to the kernel (its trim threshold is a few hundred KB at most), so the next chunk
+faults every page in again: ~28 page faults per ImageNet-sized record, 6x the old TFRecord
+pipeline's, and ~3% of the host's CPU per image (`benchmarks/input_pipeline.py`, docs/data.md).
+Keeping up to `TRIM_THRESHOLD` free at the top of each heap removes them; memory held stays the
+pipeline's peak (workers x prefetch chunks), not the dataset's size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import platform
+from collections.abc import Mapping
+
+log = logging.getLogger(__name__)
+
+# Free bytes glibc may keep at the top of a heap: above a few chunks in flight per reader thread.
+TRIM_THRESHOLD = 64 << 20
+# Setting the trim threshold turns off glibc's dynamic thresholds, whose mmap threshold would grow
+# to 32 MiB (its ceiling on 64-bit) as large blocks are freed: set it there, or every record over
+# the 128 KiB default would be mmapped and faulted in each time.
+MMAP_THRESHOLD = 32 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+# Settings a user made at start-up, which are kept.
+_USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def applies(environ: Mapping[str, str], libc: str) -> bool:
+    """Whether to set the thresholds: glibc, and no malloc setting of the user's in `environ`."""
+    if libc != "glibc" or any(name in environ for name in _USER_SETTINGS):
+        return False
+    return "glibc.malloc." not in environ.get("GLIBC_TUNABLES", "")
+
+
+@functools.cache
+def retain_freed_memory() -> bool:
+    """Sets glibc's trim and mmap thresholds once per process; True if they were set here."""
+    if not applies(os.environ, platform.libc_ver()[0]):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    done = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    done = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and done
+    if not done:
+        log.warning("mallopt refused the trim/mmap thresholds; the input pipeline runs without")
+    return done
