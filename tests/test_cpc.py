@@ -140,11 +140,11 @@ def test_sharded_step_equals_one_device_and_the_export_pools_patches(tmp_path):
 
     config = _config()
     batch = next(data.pretrain_iterator(config))
+    patches = jax.jit(lambda k, x, crop: cpc.patches_of(k, x, config, crop))
     views = []
     for devices in (jax.devices()[:1], jax.devices()):
         placed = parallel.host_to_global(batch, parallel.make_mesh(devices))
-        fn = jax.jit(lambda k, x, crop: cpc.patches_of(k, x, config, crop))
-        views.append(np.asarray(fn(jax.random.key(0), placed["image"], placed.get("crop"))))
+        views.append(np.asarray(patches(jax.random.key(0), placed["image"], placed.get("crop"))))
     np.testing.assert_allclose(views[1], views[0], rtol=0, atol=2 * np.finfo(np.float32).eps)
 
     config.augment.color_jitter_prob = 0.0

@@ -3,8 +3,8 @@
 The pipeline reads a chunk of records at a time (`pipeline.READ_CHUNK`: ~14 MB of ImageNet
 JPEGs) and frees it at once after tf.data has copied it. glibc's default then hands the freed top
 of the heap back to the kernel (its trim threshold is a few hundred KB at most), so the next chunk
-faults every page in again: ~28 page faults per ImageNet-sized record, 6x the old TFRecord
-pipeline's, and ~3% of the host's CPU per image (`benchmarks/input_pipeline.py`, docs/data.md).
+faults every page in again: ~33 page faults per ImageNet-sized record against the old TFRecord
+pipeline's ~5, ~3% of the host's CPU per image (`benchmarks/input_pipeline.py`, docs/data.md).
 Keeping up to `TRIM_THRESHOLD` free at the top of each heap removes them; memory held stays the
 pipeline's peak (workers x prefetch chunks), not the dataset's size.
 """
