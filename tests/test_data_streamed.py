@@ -9,8 +9,10 @@ import itertools
 import logging
 import os
 import platform
+import resource
 import subprocess
 import sys
+import threading
 
 import ml_collections
 import numpy as np
@@ -236,6 +238,32 @@ def test_freed_record_chunks_are_reused_without_page_faults():
     # 4 chunks of 128 x 25 pages: glibc's default faults most of them in again.
     assert faults["default"] > 4 * 128 * 25 // 2, faults
     assert faults["set"] < faults["default"] // 20, faults
+
+
+@pytest.mark.skipif(
+    not host_malloc.applies(os.environ, platform.libc_ver()[0]), reason="glibc's malloc only"
+)
+def test_the_malloc_settings_outlast_tf_datas_own(folder):
+    """A stream's settings hold after its iterator is built, which sets tf.data's own (128 KiB)."""
+    config = make_config("image_folder", folder=folder, batch_size=4)
+    it = data.pretrain_iterator(config, process_index=0, process_count=1)
+    next(it)
+    it.close()
+    faults = []
+    block = bytes(range(256)) * 4096  # 1 MiB, over tf.data's mmap threshold
+
+    def buffers():
+        for _ in range(5):
+            before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+            held = [bytearray(block) for _ in range(8)]  # as an image file's read buffer
+            del held
+            faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+
+    thread = threading.Thread(target=buffers)
+    thread.start()
+    thread.join()
+    # mmapped, each of the 4 later rounds would fault in 8 x 256 pages again; kept, none.
+    assert sum(faults[1:]) < 4 * 8 * 256 // 20, faults
 
 
 def test_malloc_settings_of_the_user_are_kept():

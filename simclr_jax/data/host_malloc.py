@@ -7,6 +7,13 @@ faults every page in again: ~33 page faults per ImageNet-sized record against th
 pipeline's ~5, ~3% of the host's CPU per image (`benchmarks/input_pipeline.py`, docs/data.md).
 Keeping up to `TRIM_THRESHOLD` free at the top of each heap removes them; memory held stays the
 pipeline's peak (workers x prefetch chunks), not the dataset's size.
+
+tf.data sets the mmap threshold too: building the first `from_generator` iterator of a process
+fixes it at 128 KiB (TensorFlow's mitigation of a Python 3.11 leak, tensorflow#65675), after
+which every block over 128 KiB that a heap cannot hold (an image file's 1 MiB read buffer, a
+decoded image) is mmapped and faulted in anew: ~30 page faults and two mmap/munmap pairs per
+image of an image folder, ~10% of its CPU. So a stream applies these settings after building its
+iterator, each time (two `mallopt` calls).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import functools
 import logging
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +46,30 @@ def applies(environ: Mapping[str, str], libc: str) -> bool:
 
 
 @functools.cache
-def retain_freed_memory() -> bool:
-    """Sets glibc's trim and mmap thresholds once per process; True if they were set here."""
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's mallopt, or None where the settings do not apply (`applies`)."""
     if not applies(os.environ, platform.libc_ver()[0]):
-        return False
+        return None
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        return ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
+        return None
+
+
+def retain_freed_memory() -> bool:
+    """Sets glibc's trim and mmap thresholds (again: tf.data may have reset the second); True if
+    they were set here."""
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
     done = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     done = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and done
     if not done:
-        log.warning("mallopt refused the trim/mmap thresholds; the input pipeline runs without")
+        _warn_refused()
     return done
+
+
+@functools.cache
+def _warn_refused() -> None:
+    """Logs, once per process, that glibc refused the settings."""
+    log.warning("mallopt refused the trim/mmap thresholds; the input pipeline runs without")

@@ -194,7 +194,6 @@ class Stream(Iterator[Batch]):
         max_bad_fraction: float = MAX_BAD_FRACTION,
     ):
         tf = import_tf()
-        retain_freed_memory()  # chunks freed at once would be faulted in again (host_malloc)
         self.stats = StreamStats(max_fraction=max_bad_fraction)
         self._source, self._plan = source, plan
         self._step, self._stop = start_step, None if num_steps is None else start_step + num_steps
@@ -225,6 +224,9 @@ class Stream(Iterator[Batch]):
         ds = ds.ignore_errors().prefetch(1).with_options(tf_options(config))
         self._spec = ds.element_spec
         self._decoded = ds.as_numpy_iterator()
+        # After the iterator, whose from_generator op sets glibc's mmap threshold to 128 KiB:
+        # freed chunks and per-image buffers would be faulted in again (host_malloc).
+        retain_freed_memory()
         # One record's graph for those rows, on bytes read here.
         self._one = _element_fn(source.serialized, prepare)
         self._pool = concurrent.futures.ThreadPoolExecutor(
