@@ -12,7 +12,7 @@ tf.data sets the mmap threshold too: building the first `from_generator` iterato
 fixes it at 128 KiB (TensorFlow's mitigation of a Python 3.11 leak, tensorflow#65675), after
 which every block over 128 KiB that a heap cannot hold (an image file's 1 MiB read buffer, a
 decoded image) is mmapped and faulted in anew: ~30 page faults and two mmap/munmap pairs per
-image of an image folder, ~10% of its CPU. So a stream applies these settings after building its
+image of an image folder, ~7% of its CPU. So a stream applies these settings after building its
 iterator, each time (two `mallopt` calls).
 """
 
